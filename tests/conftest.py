@@ -11,11 +11,13 @@ SHARED = REPO.parent / "shared"
 
 torch.set_num_threads(2)
 
+pytest_plugins = ["slurm_cluster"]  # the session-wide local 2-node SLURM cluster fixture (tests/slurm_cluster.py)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu"):
             item.add_marker(skip)

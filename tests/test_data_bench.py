@@ -1,0 +1,37 @@
+"""`orchestrate bench-loader`: one JSON line per loader, a comparison table, errors as exit code 2."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.cli import main
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_bench_loader_prints_one_json_line(capsys):
+    assert main(["bench-loader", "--loader", "gpu", "--data", "synthetic", "--batch-size", "64", "--batches", "12",
+                 "--synthetic-size", "512"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1
+    result = json.loads(lines[0])
+    assert result["loader"] == "gpu" and result["images"] == 64 * 12 and result["images_per_s"] > 0
+
+
+def test_bench_loader_compare_prints_every_loader_with_ratios(capsys):
+    args = ["bench-loader", "--compare", "--data", "synthetic", "--batch-size", "32", "--batches", "3", "--workers", "0",
+            "--synthetic-size", "256"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for name in ("gpu", "dali", "torch"):
+        assert f"│ {name}" in out
+    assert "x torch" in out and "1.00" in out  # torch's own ratio
+
+
+def test_bench_loader_bad_input_is_exit_code_2(capsys, tmp_path):
+    assert main(["bench-loader", "--data", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench-loader", "--loader", "tpu"])
+    assert exit_info.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err

@@ -1,0 +1,177 @@
+"""Dataset formats (resnet_core.data.formats): each read correctly, splits seeded and disjoint, bad input named."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_data_helpers import (CLASSES, cifar_pickles, jpeg_folder, known_image, png_folder,  # noqa: F401
+                               write_image_folder, write_tar_gz)
+
+from resnet_core.data import DataConfig, SyntheticConfig, build_loader, load_split
+from resnet_core.data.formats import open_dataset, stratified_order
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def cfg_for(path, tmp_path, **kw) -> DataConfig:
+    return DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_cifar_pickles_counts_label_names_and_known_pixel(cifar_pickles, tmp_path):
+    for path in (cifar_pickles, cifar_pickles.parent):  # the folder itself or its parent
+        images, labels, names = load_split(cfg_for(path, tmp_path), "train")
+        assert images.shape == (150, 32, 32, 3) and images.dtype == np.uint8 and labels.dtype == np.int64
+        assert names[:3] == ["airplane", "automobile", "bird"] and len(names) == 10
+        assert np.bincount(labels).tolist() == [15] * 10
+        # sample 37 sits in data_batch_2 at row 7: label 7, pixel (0, 0) = (70, 37, 7), CHW rows -> HWC
+        assert labels[37] == 7 and images[37, 0, 0].tolist() == [70, 37, 7]
+        assert np.array_equal(images[37], known_image(7, 37))
+    test_images, test_labels, _ = load_split(cfg_for(cifar_pickles, tmp_path), "test")
+    assert len(test_images) == 30 and test_labels[:3].tolist() == [0, 1, 2]
+
+
+def test_image_folder_png_labels_follow_sorted_class_names(png_folder, tmp_path):
+    images, labels, names = load_split(cfg_for(png_folder, tmp_path), "train")
+    assert names == sorted(CLASSES) == ["airplane", "cat", "dog"]
+    assert np.bincount(labels).tolist() == [8, 8, 8]
+    # files are listed class by class, name by name: position 8 + 5 is cat/0005.png
+    assert labels[13] == 1 and images[13, 0, 0].tolist() == [10, 5, 7]
+    assert np.array_equal(images[13], known_image(1, 5))
+    test_images, test_labels, _ = load_split(cfg_for(png_folder, tmp_path), "test")
+    assert np.bincount(test_labels).tolist() == [4, 4, 4] and np.array_equal(test_images[4 + 2], known_image(1, 2))
+
+
+def test_image_folder_jpeg_pixels_close_to_source(jpeg_folder, tmp_path):
+    images, labels, _ = load_split(cfg_for(jpeg_folder, tmp_path), "train")
+    source = known_image(2, 3, smooth=True)
+    assert labels[16 + 3] == 2
+    assert np.abs(images[16 + 3].astype(int) - source).mean() < 3  # JPEG quality 95 is lossy, slightly
+
+
+def test_val_folder_is_accepted_as_the_test_split(tmp_path):
+    root = write_image_folder(tmp_path / "imagenet-like", {"train": 2, "val": 1})
+    _, labels, names = load_split(cfg_for(root, tmp_path), "test")
+    assert labels.tolist() == [0, 1, 2] and names == ["airplane", "cat", "dog"]
+
+
+def test_tar_gz_unpacked_once_verified_and_reused(png_folder, tmp_path):
+    archive = write_tar_gz(png_folder, tmp_path / "pngs.tar.gz")
+    cfg = cfg_for(archive, tmp_path)
+    images, labels, names = load_split(cfg, "train")
+    assert names == ["airplane", "cat", "dog"] and np.array_equal(images[13], known_image(1, 5))
+    unpacked = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("pngs-")]
+    assert len(unpacked) == 1 and (unpacked[0] / ".unpacked.json").is_file()
+    marker_time = (unpacked[0] / ".unpacked.json").stat().st_mtime_ns
+    open_dataset.__globals__["_OPENED"].clear()  # a new process would not have it opened
+    assert np.array_equal(load_split(cfg, "train")[0], images)
+    assert (unpacked[0] / ".unpacked.json").stat().st_mtime_ns == marker_time  # reused, not re-extracted
+    # a damaged unpack (a file deleted) fails verification and is unpacked again
+    os.remove(next((unpacked[0] / "pngs" / "train" / "cat").iterdir()))
+    open_dataset.__globals__["_OPENED"].clear()
+    assert np.bincount(load_split(cfg, "train")[1]).tolist() == [8, 8, 8]
+
+
+def test_truncated_tar_gz_is_a_one_line_error_naming_it(png_folder, tmp_path):
+    archive = write_tar_gz(png_folder, tmp_path / "broken.tar.gz")
+    archive.write_bytes(archive.read_bytes()[: archive.stat().st_size // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt") as err:
+        load_split(cfg_for(archive, tmp_path), "train")
+    assert str(archive) in str(err.value) and "\n" not in str(err.value)
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("broken")]  # nothing half-unpacked kept
+
+
+def test_decoded_arrays_are_cached_and_reused(jpeg_folder, tmp_path):
+    cfg = cfg_for(jpeg_folder, tmp_path)
+    first = load_split(cfg, "train")[0]
+    cached = list((tmp_path / "cache").glob("decoded-jpegs-train-*.npy"))
+    assert len(cached) == 1
+    cached[0].write_bytes(b"")  # would crash if read again...
+    np.save(cached[0], first + 1)  # ...so plant recognisable content: a reload must come from the cache
+    open_dataset.__globals__["_OPENED"].clear()
+    assert np.array_equal(load_split(cfg, "train")[0], first + 1)
+
+
+def test_synthetic_is_seeded_and_sized():
+    cfg = DataConfig(path="synthetic", synthetic=SyntheticConfig(num_classes=4, image_size=16, train_size=40, test_size=8))
+    images, labels, names = load_split(cfg, "train")
+    assert images.shape == (40, 16, 16, 3) and np.bincount(labels).tolist() == [10] * 4 and len(names) == 4
+    other = DataConfig(path="synthetic", synthetic=SyntheticConfig(num_classes=4, image_size=16, train_size=40,
+                                                                   test_size=8, seed=1))
+    assert not np.array_equal(load_split(other, "train")[0], images)
+    assert np.array_equal(load_split(cfg.model_copy(), "train")[0], images)
+
+
+def test_val_split_disjoint_stratified_and_seeded():
+    cfg = DataConfig(path="synthetic", synthetic=SyntheticConfig(train_size=1000), val_split=100)
+    dataset = open_dataset(cfg)
+    labels = dataset.splits["train"].labels
+    from resnet_core.data.formats import split_indices
+    train, val = split_indices(cfg, labels, "train"), split_indices(cfg, labels, "val")
+    assert len(train) == 900 and len(val) == 100 and not set(train) & set(val)
+    assert sorted(set(train) | set(val)) == list(range(1000))
+    assert np.bincount(labels[val]).tolist() == [10] * 10  # 5000/45000-style: stratified by class
+    assert np.array_equal(split_indices(cfg, labels, "val"), val)  # same images every call (fixed split seed)
+    subset = split_indices(cfg.model_copy(update={"subset": 50}), labels, "train")
+    assert len(subset) == 50 and np.bincount(labels[subset]).tolist() == [5] * 10 and not set(subset) & set(val)
+
+
+def test_stratified_order_prefixes_are_balanced_for_uneven_classes():
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+    first = labels[stratified_order(labels)[:50]]
+    assert np.bincount(first).tolist() == [30, 15, 5]
+
+
+def test_missing_path_names_it_and_the_layouts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist") as err:
+        load_split(DataConfig(path=str(tmp_path / "nowhere")), "train")
+    assert "nowhere" in str(err.value) and "ImageFolder" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_layout_names_the_path(tmp_path):
+    (tmp_path / "random" / "stuff").mkdir(parents=True)
+    (tmp_path / "random" / "other").mkdir()
+    with pytest.raises(ValueError, match="no recognised layout") as err:
+        load_split(cfg_for(tmp_path / "random", tmp_path), "train")
+    assert str(tmp_path / "random") in str(err.value)
+
+
+def test_empty_class_folder_is_named(png_folder, tmp_path):
+    (png_folder / "train" / "zebra").mkdir()
+    (png_folder / "test" / "zebra").mkdir()
+    with pytest.raises(ValueError, match="empty class folder") as err:
+        load_split(cfg_for(png_folder, tmp_path), "train")
+    assert str(png_folder / "train" / "zebra") in str(err.value)
+
+
+def test_corrupt_jpeg_is_reported_with_its_path(jpeg_folder, tmp_path):
+    bad = jpeg_folder / "train" / "dog" / "0003.jpg"
+    bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-scan
+    with pytest.raises(ValueError, match="corrupt or unreadable image") as err:
+        load_split(cfg_for(jpeg_folder, tmp_path), "train")
+    assert str(bad) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unknown_loader_and_split_names_are_errors(png_folder, tmp_path):
+    with pytest.raises(ValueError, match="'tpu'.*gpu, dali, torch"):
+        DataConfig(loader="tpu")
+    with pytest.raises(ValueError, match="data.loader: unknown loader 'tpu'"):
+        build_loader(DataConfig.model_construct(path="synthetic", loader="tpu"), "train", 8)
+    with pytest.raises(ValueError, match="unknown split 'dev'"):
+        load_split(DataConfig(path="synthetic"), "dev")
+    with pytest.raises(ValueError, match="data.subset: 9999"):
+        load_split(cfg_for(png_folder, tmp_path, subset=9999), "train")
+
+
+def test_cache_goes_next_to_the_data_unless_its_folder_is_read_only(tmp_path):
+    from resnet_core.data.formats import choose_cache_root
+    data = tmp_path / "sets" / "data.tar.gz"
+    data.parent.mkdir()
+    assert choose_cache_root(None, data) == tmp_path / "sets" / ".resnet_core_cache"
+    data.parent.chmod(0o555)  # like ../shared; as root, os.access alone would still say writable
+    try:
+        assert choose_cache_root(None, data) == Path.home() / ".cache" / "resnet_core"
+    finally:
+        data.parent.chmod(0o755)
+    assert choose_cache_root(str(tmp_path / "mine"), data) == tmp_path / "mine"
