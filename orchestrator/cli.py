@@ -12,6 +12,7 @@ import sys
 COMMANDS = {
     "models": ("models", "list the paper's models with depth, parameters and multiply-adds"),
     "demo": ("demo", "the main job on its embedded defaults (what setup.sh runs)"),
+    "train": ("train", "train one trial from a YAML config (the worker)"),
     "bench-loader": ("bench_loader", "measure a data loader's images/s"),
 }
 

@@ -1,0 +1,72 @@
+"""Atomic, checksummed training checkpoints: ``ckpt-<iteration>-<sha256 prefix>.pt`` in the trial's folder.
+
+The checksum is in the file name, so one atomic rename publishes file and checksum together; a truncated or
+corrupted newest file is detected on load and the previous one is used. Files hold only tensors and plain
+Python values, so they load with ``weights_only=True``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+NAME = re.compile(r"^ckpt-(\d{9})-([0-9a-f]{16})\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Published checkpoints, newest first."""
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
+
+
+def save(folder: Path, iteration: int, state: dict[str, Any], keep: int) -> Path:
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    digest = hashlib.sha256(data).hexdigest()[:16]
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"ckpt-{iteration:09d}-{digest}.pt"
+    tmp = folder / f".{final.name}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        previous = checkpoint_files(folder)
+        kept = f"; the previous checkpoint {previous[0].name} is intact" if previous else ""
+        raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}{kept}") from err
+    for old in checkpoint_files(folder)[keep:]:
+        old.unlink(missing_ok=True)
+    return final
+
+
+def verify(path: Path) -> bool:
+    match = NAME.match(path.name)
+    return bool(match) and hashlib.sha256(path.read_bytes()).hexdigest()[:16] == match.group(2)
+
+
+def load_latest(folder: Path, map_location: str | torch.device = "cpu") -> tuple[dict | None, list[str]]:
+    """The newest checkpoint that passes its checksum, and the names of newer ones that did not (events to log)."""
+    rejected = []
+    for path in checkpoint_files(folder):
+        if verify(path):
+            return torch.load(path, map_location=map_location, weights_only=True), rejected
+        log.warning("checkpoint %s fails its checksum; trying the previous one", path)
+        rejected.append(path.name)
+    return None, rejected

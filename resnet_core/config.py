@@ -1,0 +1,214 @@
+"""The typed config of one training trial. Defaults reproduce the paper's CIFAR-10 recipe (Sec. 4.2):
+SGD momentum 0.9, weight decay 1e-4, batch 128, lr 0.1 divided by 10 at 32k and 48k iterations, stop at 64k.
+
+Every section forbids unknown keys; errors name the dotted key. ``trial_key`` hashes the fields that change
+results, so a sweep can tell finished trials from new ones on any backend.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .data.config import DataConfig
+from .models import create_model, is_model, list_models
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line naming the key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    """Keys left unset keep the registered model's defaults (e.g. preact_resnet164 is a bottleneck net)."""
+    name: str = Field("resnet20", description="a registered model (orchestrate models)")
+    depth: int | None = Field(None, description="CIFAR: 6n+2 (9n+2 with bottleneck); ImageNet: 18/34/50/101/152")
+    shortcut: Literal["A", "B", "C"] | None = Field(None, description="paper Sec. 3.3 options")
+    plain: bool | None = Field(None, description="no shortcuts: the paper's plain twin")
+    unit: Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact"] | None = None
+    bottleneck: bool | None = Field(None, description="CIFAR family only: 1x1-3x3-1x1 units (9n+2 depths)")
+    zero_init_residual: bool = Field(False, description="off in the paper")
+
+    def overrides(self) -> dict[str, Any]:
+        keys = ("depth", "shortcut", "plain", "unit", "bottleneck")
+        out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.zero_init_residual:
+            out["zero_init_residual"] = True
+        return out
+
+
+class WarmupConfig(Section):
+    """ResNet-110 (Sec. 4.2): lr 0.01 until training error < 80%, then the schedule's lr."""
+    kind: Literal["none", "constant", "linear"] = "none"
+    lr: float = Field(0.01, gt=0, description="constant warm-up lr; linear warm-up starts here")
+    length: int = Field(0, ge=0, description="warm-up length in schedule units (0: only until_train_error ends it)")
+    until_train_error: float | None = Field(None, gt=0, le=1, description="end warm-up once train error < this")
+
+
+class ScheduleConfig(Section):
+    unit: Literal["iterations", "epochs"] = "iterations"
+    total: int = Field(64000, ge=1, description="training length in `unit`")
+    kind: Literal["step", "cosine", "constant"] = "step"
+    milestones: tuple[int, ...] = Field((32000, 48000), description="step schedule: lr *= gamma at these")
+    gamma: float = Field(0.1, gt=0)
+    warmup: WarmupConfig = WarmupConfig()
+
+
+class OptimConfig(Section):
+    lr: float = Field(0.1, gt=0, description="peak lr for the global batch")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0)
+    nesterov: bool = False
+    grad_clip: float | None = Field(None, gt=0, description="clip the global grad norm (DeepSpeed: gradient_clipping)")
+
+
+class DistConfig(Section):
+    engine: Literal["ddp", "deepspeed"] = Field("ddp", description="ddp under torchrun, or deepspeed.initialize")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+
+
+class CheckpointConfig(Section):
+    root: str = Field("runs/checkpoints", description="checkpoints go to ROOT/<trial key>/")
+    every: int = Field(1000, ge=1, description="iterations between checkpoints (and on SIGTERM/SIGUSR1)")
+    keep: int = Field(2, ge=1, description="newest checkpoints kept; an older one is the fallback if the newest is corrupt")
+    resume: bool = Field(True, description="continue from the newest checkpoint of the same trial")
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
+    experiment: str = "default"
+    run_name: str | None = None
+    log_every: int = Field(100, ge=1, description="iterations between train loss/error points")
+    tags: dict[str, str] = Field(default_factory=dict, description="extra run tags (sweep name, trial id, ...)")
+
+
+class EvalConfig(Section):
+    every_epochs: int = Field(1, ge=1, description="val/test error every N epochs (and at the end)")
+    batch_size: int = Field(1000, ge=1)
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    batch_size: int = Field(128, ge=1, description="global batch; each of W ranks takes batch_size / W")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
+    step: Literal["auto", "eager", "compile", "graph"] = Field("auto", description="auto: graph on CUDA, eager on CPU")
+    channels_last: bool = True
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    dist: DistConfig = DistConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
+
+    @model_validator(mode="after")
+    def _model_builds(self) -> "TrainConfig":
+        if not is_model(self.model.name):
+            raise ValueError(f"model.name: unknown model {self.model.name!r}; valid: {', '.join(list_models())}")
+        import torch
+        try:
+            with torch.device("meta"):  # validates depth/shortcut/unit without allocating anything
+                create_model(self.model.name, **self.model.overrides())
+        except ValueError as err:
+            key = next((f"model.{k}" for k in ("depth", "shortcut", "unit", "plain") if k in str(err)), "model")
+            raise ValueError(f"{key}: {err}") from None
+        return self
+
+
+# Fields that do not change what a trial computes: excluded from its key, so re-running with another log
+# interval or checkpoint folder finds the same trial.
+NON_RESULT_FIELDS = {"checkpoint": True, "tracking": True, "eval": {"batch_size"},
+                     "data": {"num_workers", "cache_dir", "download"}}
+
+
+def trial_key(cfg: TrainConfig) -> str:
+    payload = cfg.model_dump(mode="json", exclude=NON_RESULT_FIELDS)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted_key.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted_key}: '{part}' is a value, not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``key=value`` with the value read as YAML (``optim.lr=0.05``, ``model.shortcut=B``)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw)
+
+
+def valid_keys_at(path: tuple, root: type[BaseModel] | None = None) -> list[str]:
+    """The field names of the section at ``path`` (e.g. ("model",) -> name, depth, ...)."""
+    section: type[BaseModel] = root or TrainConfig
+    for part in path:
+        annotation = section.model_fields[part].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        section = annotation
+    return list(section.model_fields)
+
+
+def format_validation_error(err: ValidationError, root: type[BaseModel] | None = None) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = f"unknown key; valid keys here: {', '.join(valid_keys_at(first['loc'][:-1], root))}"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{key}: {message}{more}" if key and not message.startswith(key) else f"{message}{more}"
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    tree = json.loads(json.dumps(tree or {}))  # a deep copy we may write to
+    for text in overrides:
+        set_dotted(tree, *parse_override(text))
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(f"config: {format_validation_error(err)}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    tree = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return build_config(tree, overrides)
+
+
+def field_docs(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field: the `--help` text of `orchestrate train`."""
+    rows = []
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{name}"
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows += field_docs(annotation, key + ".")
+        else:
+            rows.append((key, repr(info.get_default(call_default_factory=True)), info.description or ""))
+    return rows

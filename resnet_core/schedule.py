@@ -1,0 +1,45 @@
+"""Learning rate as a pure function of the iteration: the paper's steps (Sec. 4.2), cosine, and warm-up.
+
+Pure so that a resumed run, a CUDA-graph step (lr lives in a device tensor) and a test all agree.
+"""
+from __future__ import annotations
+
+import math
+
+from .config import ScheduleConfig
+
+
+class LRSchedule:
+    def __init__(self, cfg: ScheduleConfig, base_lr: float, iterations_per_epoch: int):
+        scale = iterations_per_epoch if cfg.unit == "epochs" else 1
+        self.cfg = cfg
+        self.base_lr = base_lr
+        self.total = cfg.total * scale
+        self.milestones = [m * scale for m in cfg.milestones]
+        self.warmup_length = cfg.warmup.length * scale
+
+    def in_warmup(self, iteration: int, warmup_ended: bool) -> bool:
+        """Warm-up lasts ``length`` iterations, or (``until_train_error``) until the caller says it ended."""
+        warmup = self.cfg.warmup
+        if warmup.kind == "none" or warmup_ended:
+            return False
+        if warmup.until_train_error is not None:
+            return True
+        return iteration < self.warmup_length
+
+    def __call__(self, iteration: int, warmup_ended: bool = False) -> float:
+        warmup = self.cfg.warmup
+        if self.in_warmup(iteration, warmup_ended):
+            if warmup.kind == "constant" or not self.warmup_length:
+                return warmup.lr
+            return warmup.lr + (self.base_lr - warmup.lr) * iteration / self.warmup_length
+        return self.after_warmup(iteration)
+
+    def after_warmup(self, iteration: int) -> float:
+        if self.cfg.kind == "step":
+            return self.base_lr * self.cfg.gamma ** sum(iteration >= m for m in self.milestones)
+        if self.cfg.kind == "cosine":
+            start = self.warmup_length
+            progress = min(1.0, max(0.0, (iteration - start) / max(1, self.total - start)))
+            return 0.5 * self.base_lr * (1 + math.cos(math.pi * progress))
+        return self.base_lr

@@ -1,0 +1,196 @@
+"""The training step, the hot path: eager, torch.compile, one CUDA graph, or a DeepSpeed engine.
+
+Each step returns a device tensor (loss * images, wrong predictions, images) and never syncs with the host, so
+the loop can run ahead of the GPU; the trainer reads the sums only at log points.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ConfigError, TrainConfig
+from .distributed import DistEnv
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    return ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
+
+
+def resolve_step(cfg: TrainConfig, device: torch.device) -> str:
+    return ("graph" if device.type == "cuda" else "eager") if cfg.step == "auto" else cfg.step
+
+
+def sgd(cfg: TrainConfig, params, lr: float | torch.Tensor, **kw) -> torch.optim.SGD:
+    o = cfg.optim
+    return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov, **kw)
+
+
+def step_stats(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
+    n = labels.numel()
+    return torch.stack([loss.detach().float() * n, (logits.detach().argmax(1) != labels).sum().float(),
+                        torch.tensor(float(n), device=labels.device)])
+
+
+class EagerStep:
+    """Plain PyTorch (DDP when several ranks); ``compile=True`` wraps the model in torch.compile."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.device, compile: bool = False):
+        self.cfg, self.model, self.device = cfg, model, device
+        self.precision = resolve_precision(cfg, device)
+        if self.precision == "fp16":
+            raise ConfigError("precision: fp16 needs loss scaling; use bf16, or dist.engine: deepspeed")
+        self.optimizer = sgd(cfg, model.parameters(), cfg.optim.lr)
+        net = model
+        if env.enabled:
+            net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.net = torch.compile(net) if compile else net
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            logits = self.net(images)
+            loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        if self.cfg.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        return step_stats(logits, labels, loss)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        stats = self.forward_backward(images, labels)
+        self.optimizer.step()
+        return stats
+
+    def eval_model(self) -> nn.Module:
+        return self.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+class GraphStep(EagerStep):
+    """Forward, backward and SGD update captured once in a CUDA graph and replayed every iteration.
+
+    The lr lives in a device tensor (fused SGD reads it there), so the schedule changes it without a re-capture.
+    The warm-up iterations that capture needs are undone, so the run follows the same recipe as eager mode.
+    """
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.device):
+        if device.type != "cuda":
+            raise ConfigError("step: 'graph' needs a CUDA GPU; use eager or compile on CPU")
+        if env.enabled:
+            raise ConfigError("step: 'graph' trains one GPU per trial; use eager or compile with DDP")
+        super().__init__(cfg, model, env, device)
+        self.lr = torch.tensor(cfg.optim.lr, device=device)
+        self.optimizer = sgd(cfg, model.parameters(), self.lr, fused=True)
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        self.lr.fill_(lr)
+        if self.graph is None:
+            self.capture(images, labels)
+        self.static_images.copy_(images, non_blocking=True)
+        self.static_labels.copy_(labels, non_blocking=True)
+        self.graph.replay()
+        return self.static_stats.clone()
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.static_images, self.static_labels = images.clone(), labels.clone()
+        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: allocates momentum buffers, picks cuDNN algorithms
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.forward_backward(self.static_images, self.static_labels)
+                self.optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.static_stats = self.forward_backward(self.static_images, self.static_labels)
+            self.optimizer.step()
+        with torch.no_grad():  # undo the warm-up: weights, BN statistics and momentum as before it
+            for key, value in self.model.state_dict().items():
+                value.copy_(saved[key])
+            for state in self.optimizer.state.values():
+                if state.get("momentum_buffer") is not None:
+                    state["momentum_buffer"].zero_()
+
+
+class DeepSpeedStep(EagerStep):
+    """The same model and SGD through ``deepspeed.initialize`` (ZeRO stage, bf16/fp16, clipping from the config)."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.device):
+        import deepspeed
+        self.cfg, self.model, self.device = cfg, model, device
+        self.precision = resolve_precision(cfg, device)
+        optimizer = sgd(cfg, model.parameters(), cfg.optim.lr)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size, self.precision))
+
+    def autocast(self):
+        return contextlib.nullcontext()  # the engine casts the model itself
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(AUTOCAST_DTYPES[self.precision]) if self.precision in AUTOCAST_DTYPES else images
+        logits = self.engine(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        self.engine.backward(loss)
+        self.engine.step()
+        return step_stats(logits, labels, loss)
+
+    def eval_model(self) -> nn.Module:
+        return self.engine.module
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.cfg.dist.zero_stage:
+            raise ConfigError("checkpoint: ZeRO stage > 0 partitions the optimizer state; checkpoints need stage 0 for now")
+        return {"model": self.engine.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.engine.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str) -> dict[str, Any]:
+    """The DeepSpeed JSON for a trial: a pure function, golden-tested."""
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.batch_size // world_size,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": cfg.dist.zero_stage},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # Always explicit: left out, DeepSpeed 0.19 clips the gradient norm at 1.0, silently changing the recipe.
+        "gradient_clipping": cfg.optim.grad_clip or 0.0,
+        "steps_per_print": 10**9,  # the trainer logs; DeepSpeed's own prints would flood worker logs
+    }
+    return ds
+
+
+def build_step(cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.device) -> EagerStep:
+    if cfg.dist.engine == "deepspeed":
+        return DeepSpeedStep(cfg, model, env, device)
+    kind = resolve_step(cfg, device)
+    if kind == "graph":
+        return GraphStep(cfg, model, env, device)
+    return EagerStep(cfg, model, env, device, compile=kind == "compile")

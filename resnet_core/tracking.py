@@ -1,0 +1,142 @@
+"""MLflow tracking for one trial, from rank 0 only.
+
+Metrics are buffered and sent in batches (a training step never waits on the tracking store). A resumed trial
+continues its MLflow run: points at steps the run already holds are dropped, so a restart after a kill leaves
+neither a gap nor a duplicate step (the loader and the step are deterministic, so the values are the same).
+"""
+from __future__ import annotations
+
+import csv
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_URI = "sqlite:///mlruns.db"
+MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+
+
+def tracking_uri(configured: str | None) -> str:
+    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = str(value)
+    return out
+
+
+def git_state() -> tuple[str, str]:
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", "unknown"
+    return commit or "unknown", "true" if dirty else "false"
+
+
+def environment_tags(world_size: int) -> dict[str, str]:
+    commit, dirty = git_state()
+    return {"git_commit": commit, "git_dirty": dirty, "host": platform.node(), "world_size": str(world_size),
+            "torch_version": torch.__version__, "cuda_version": str(torch.version.cuda),
+            "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+
+
+def get_or_create_experiment(client, name: str) -> str:
+    from mlflow.exceptions import MlflowException
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # another trial created it first
+        return client.get_experiment_by_name(name).experiment_id
+
+
+class Tracker:
+    """One trial's MLflow run. ``flush_seconds`` bounds how stale the store may be while training."""
+
+    def __init__(self, uri: str | None, experiment: str, flush_seconds: float = 10.0):
+        from mlflow import MlflowClient
+        self.client = MlflowClient(tracking_uri=tracking_uri(uri))
+        self.experiment_id = get_or_create_experiment(self.client, experiment)
+        self.run_id: str | None = None
+        self.flush_seconds = flush_seconds
+        self._buffer: list[Any] = []
+        self._last_flush = time.monotonic()
+        self._last_step: dict[str, int] = {}
+
+    def find_run(self, trial_key: str) -> str | None:
+        """An unfinished run of this trial (killed before its first checkpoint): reuse it, never a duplicate."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{trial_key}'",
+                                       order_by=["attributes.start_time DESC"], max_results=1)
+        return runs[0].info.run_id if runs else None
+
+    def start(self, run_id: str | None, run_name: str | None, params: dict[str, str], tags: dict[str, str]) -> str:
+        from mlflow.entities import Param, RunTag
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
+            self.run_id = run.info.run_id
+            items = [Param(k, v[:6000]) for k, v in params.items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(self.run_id, params=items[i:i + 100])
+        else:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            self._last_step = self.logged_steps()
+        return self.run_id
+
+    def logged_steps(self) -> dict[str, int]:
+        metrics = self.client.get_run(self.run_id).data.metrics
+        return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in metrics}
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step > self._last_step.get(key, -1):
+                self._buffer.append(Metric(key, float(value), now, step))
+                self._last_step[key] = step
+        if time.monotonic() - self._last_flush > self.flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self._buffer), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + MAX_BATCH])
+        self._buffer.clear()
+        self._last_flush = time.monotonic()
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def write_metrics_csv(self, path: Path) -> Path:
+        """Every point of the run (all attempts, from the store), one row per (step, key, value)."""
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "key", "value"])
+            for key in sorted(self.client.get_run(self.run_id).data.metrics):
+                for m in sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step):
+                    writer.writerow([m.step, key, m.value])
+        return path
+
+    def end(self, status: str, tags: dict[str, str] | None = None) -> None:
+        self.flush()
+        if tags:
+            self.set_tags(tags)
+        self.client.set_terminated(self.run_id, status=status)

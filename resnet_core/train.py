@@ -1,0 +1,316 @@
+"""The one training function every launcher calls: ``train(cfg) -> dict``.
+
+One process trains one trial (or one rank of it, under torchrun / the DeepSpeed launcher / srun). Defaults are
+the paper's CIFAR-10 recipe (Sec. 4.2). The trial checkpoints every N iterations and on SIGTERM/SIGUSR1 (what
+SLURM and submitit send before preemption); running the same trial again resumes from its newest good
+checkpoint and continues the same MLflow run. A non-finite loss ends the trial as FAILED with the reason.
+
+    python -m resnet_core.train CONFIG.yaml --set optim.lr=0.05 model.depth=56
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from . import checkpoint, distributed
+from .config import ConfigError, TrainConfig, build_config, load_config, trial_key
+from .data import build_loader
+from .distributed import DistEnv
+from .models import create_model
+from .schedule import LRSchedule
+from .steps import build_step
+from .tracking import Tracker, environment_tags, flatten
+
+Report = Callable[[dict[str, Any]], None]
+# A launcher that runs the worker as a child process (torchrun inside a Ray trial) reads reports from this file.
+REPORT_FILE_ENV = "RESNET_REPORT_FILE"
+
+
+class Diverged(RuntimeError):
+    pass
+
+
+class Interrupted(RuntimeError):
+    """A stop signal arrived; a checkpoint was written. Running the trial again resumes it."""
+
+
+def train(cfg: TrainConfig | dict, report: Report | None = None) -> dict[str, Any]:
+    """Train one trial; returns {"status", "trial_key", "run_id", "iteration", final metrics...}.
+
+    ``report`` (rank 0) receives the metrics after every evaluation: Ray Tune's ``tune.report`` goes here.
+    """
+    cfg = cfg if isinstance(cfg, TrainConfig) else build_config(cfg)
+    env = distributed.read_env()
+    if cfg.batch_size % env.world_size:
+        raise ConfigError(f"batch_size: {cfg.batch_size} is not divisible by the world size {env.world_size}")
+    device = pick_device(cfg, env)
+    distributed.init(env, device)
+    try:
+        return Trainer(cfg, env, device, report).run()
+    finally:
+        distributed.shutdown()
+
+
+def pick_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("device: 'cuda' asked for, but this machine has no CUDA GPU")
+        torch.cuda.set_device(env.local_rank)
+        torch.backends.cudnn.benchmark = True
+        return torch.device("cuda", env.local_rank)
+    return torch.device("cpu")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, report: Report | None):
+        self.cfg, self.env, self.device, self.report = cfg, env, device, report
+        self.key = trial_key(cfg)
+        self.folder = Path(cfg.checkpoint.root) / self.key
+        per_rank = cfg.batch_size // env.world_size
+        self.train_loader = build_loader(cfg.data, "train", per_rank, device, env.rank, env.world_size, cfg.seed)
+        self.eval_loaders = {split: build_loader(cfg.data, split, cfg.eval.batch_size, device, env.rank,
+                                                 env.world_size, cfg.seed)
+                             for split in (("val", "test") if cfg.data.val_split else ("test",))}
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = create_model(cfg.model.name, num_classes=self.train_loader.num_classes,
+                                  **cfg.model.overrides()).to(device)
+        if cfg.channels_last and device.type == "cuda":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.schedule = LRSchedule(cfg.schedule, cfg.optim.lr, len(self.train_loader))
+        self.step = build_step(cfg, self.model, env, device)
+        self.iteration, self.warmup_ended, self.best_val_error = 0, False, math.inf
+        self.window = torch.zeros(3, device=device)
+        self.tracker: Tracker | None = None
+        self.run_id: str | None = None
+        self.rejected_checkpoints: list[str] = []
+        self.stop_requested = False
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        self.run_id = self.resume()
+        self.start_tracking(self.run_id)
+        restore = self.install_signal_handlers()
+        try:
+            self.loop()
+            result = self.finish()
+        except Diverged as err:
+            result = self.fail(str(err))
+        except Interrupted:
+            self.end_tracking("KILLED", {"status_reason": "interrupted by a signal; checkpoint written"})
+            raise
+        except BaseException as err:
+            self.end_tracking("FAILED", {"status_reason": f"{type(err).__name__}: {err}"[:5000]})
+            raise
+        finally:
+            restore()
+        return result
+
+    def loop(self) -> None:
+        steps_per_epoch = len(self.train_loader)
+        total = self.schedule.total
+        sums = self.window  # loss*n, errors, images since the last log point (checkpointed: exact resumes)
+        while self.iteration < total:
+            epoch, start = divmod(self.iteration, steps_per_epoch)
+            started = time.perf_counter()
+            for images, labels in self.train_loader.iterate(epoch, start):
+                lr = self.schedule(self.iteration, self.warmup_ended)
+                sums += self.step(images, labels, lr)
+                self.iteration += 1
+                if self.iteration % self.cfg.tracking.log_every == 0 or self.iteration == total:
+                    self.log_train(sums, lr, started)
+                    sums.zero_()
+                    started = time.perf_counter()
+                if self.iteration % self.cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+                if distributed.any_rank(self.stop_requested, self.env, self.device):
+                    self.save_checkpoint()
+                    raise Interrupted(f"stopped at iteration {self.iteration}")
+                if self.iteration >= total:
+                    break
+            if self.iteration % steps_per_epoch == 0 and (self.iteration // steps_per_epoch) % \
+                    self.cfg.eval.every_epochs == 0 and self.iteration < total:
+                self.log_eval(self.evaluate_all(), epoch + 1)
+
+    def log_train(self, sums: torch.Tensor, lr: float, started: float) -> None:
+        loss_sum, errors, images = distributed.all_reduce_sum(sums.clone(), self.env).tolist()
+        loss, error = loss_sum / max(images, 1), errors / max(images, 1)
+        if not math.isfinite(loss):
+            raise Diverged(f"loss is {loss} at iteration {self.iteration} (lr {lr:g})")
+        if self.cfg.schedule.warmup.until_train_error and error < self.cfg.schedule.warmup.until_train_error:
+            self.warmup_ended = True  # the same on every rank: error was all-reduced
+        seconds = time.perf_counter() - started
+        self.log({"train_loss": loss, "train_error": error, "lr": lr,
+                  "images_per_s": images / seconds if seconds > 0 else 0.0})
+
+    # -- evaluation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str) -> tuple[float, float]:
+        model = self.step.eval_model()
+        model.eval()
+        sums = torch.zeros(3, device=self.device)
+        for images, labels in self.eval_loaders[split].iterate(0):
+            with self.step.autocast():
+                logits = model(images)
+            sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
+                                 (logits.argmax(1) != labels).sum().float(),
+                                 torch.tensor(float(labels.numel()), device=self.device)])
+        model.train()
+        loss_sum, errors, n = distributed.all_reduce_sum(sums, self.env).tolist()
+        return loss_sum / max(n, 1), errors / max(n, 1)
+
+    def evaluate_all(self) -> dict[str, float]:
+        metrics = {}
+        for split in self.eval_loaders:
+            metrics[f"{split}_loss"], metrics[f"{split}_error"] = self.evaluate(split)
+        if "val_error" in metrics:
+            self.best_val_error = min(self.best_val_error, metrics["val_error"])
+        return metrics
+
+    def log_eval(self, metrics: dict[str, float], epoch: int) -> None:
+        self.log({**metrics, "epoch": epoch})
+        if self.report and self.env.is_main:
+            self.report({**metrics, "iteration": self.iteration, "epoch": epoch, "trial_key": self.key,
+                         "run_id": self.run_id})
+
+    # -- tracking -----------------------------------------------------------------------------------------
+    def start_tracking(self, run_id: str | None) -> None:
+        if not (self.env.is_main and self.cfg.tracking.enabled):
+            return
+        t = self.cfg.tracking
+        self.tracker = Tracker(t.uri, t.experiment)
+        run_id = run_id or self.tracker.find_run(self.key)
+        tags = {**environment_tags(self.env.world_size), "trial_key": self.key, **t.tags}
+        params = flatten(self.cfg.model_dump(mode="json"))
+        self.run_id = self.tracker.start(run_id, t.run_name or f"{self.cfg.model.name}-{self.key[:8]}", params, tags)
+        if self.rejected_checkpoints:  # the event a user must see: a corrupt checkpoint was skipped
+            self.tracker.set_tags({"checkpoint_rejected": ",".join(self.rejected_checkpoints)})
+
+    def log(self, metrics: dict[str, float]) -> None:
+        if self.tracker:
+            self.tracker.log_metrics(metrics, self.iteration)
+
+    def end_tracking(self, status: str, tags: dict[str, str]) -> None:
+        if self.tracker:
+            self.tracker.end(status, tags)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def resume(self) -> str | None:
+        """Load the newest good checkpoint of this trial; returns its MLflow run id."""
+        if not self.cfg.checkpoint.resume:
+            return None
+        state, rejected = checkpoint.load_latest(self.folder, map_location=self.device)
+        self.rejected_checkpoints = rejected
+        if state is None:
+            return None
+        self.step.load_state_dict(state["step"])
+        self.iteration, self.warmup_ended = state["iteration"], state["warmup_ended"]
+        self.best_val_error = state["best_val_error"]
+        self.window.copy_(state["window"])
+        torch.set_rng_state(state["rng_cpu"])
+        if self.device.type == "cuda" and "rng_cuda" in state:
+            torch.cuda.set_rng_state(state["rng_cuda"])
+        return state["run_id"]
+
+    def save_checkpoint(self) -> None:
+        # Metrics up to this iteration reach the store first: a resume from this checkpoint then has no gap.
+        if self.tracker:
+            self.tracker.flush()
+        if not self.env.is_main:
+            return
+        state = {"iteration": self.iteration, "warmup_ended": self.warmup_ended,
+                 "best_val_error": self.best_val_error, "step": self.step.state_dict(),
+                 "run_id": self.run_id, "trial_key": self.key,
+                 "window": self.window.cpu(), "rng_cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state()
+        checkpoint.save(self.folder, self.iteration, state, self.cfg.checkpoint.keep)
+
+    def install_signal_handlers(self) -> Callable[[], None]:
+        """SIGTERM/SIGUSR1 ask for a checkpoint and a clean stop at the next step boundary."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None  # e.g. inside a Ray Tune trial thread: Ray stops trials its own way
+        def request_stop(signum, _frame):
+            self.stop_requested = True
+        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+    # -- the end ------------------------------------------------------------------------------------------
+    def finish(self) -> dict[str, Any]:
+        metrics = self.evaluate_all()
+        final = {"test_error": metrics["test_error"], "test_loss": metrics["test_loss"]}
+        if "val_error" in metrics:
+            final["best_val_error"] = self.best_val_error
+            final["val_error"] = metrics["val_error"]
+        self.log_eval(metrics, math.ceil(self.iteration / len(self.train_loader)))
+        self.log(final)
+        self.save_checkpoint()
+        if self.tracker:
+            self.log_artifacts()
+            self.end_tracking("FINISHED", {"status_reason": "finished"})
+        return {"status": "FINISHED", "trial_key": self.key, "run_id": self.run_id,
+                "iteration": self.iteration, **final}
+
+    def fail(self, reason: str) -> dict[str, Any]:
+        self.end_tracking("FAILED", {"status_reason": reason})
+        return {"status": "FAILED", "trial_key": self.key, "run_id": self.run_id,
+                "iteration": self.iteration, "reason": reason}
+
+    def log_artifacts(self) -> None:
+        """The resolved config, the final weights (loadable with weights_only=True) and every metric point."""
+        self.tracker.flush()
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
+            torch.save({"model_name": self.cfg.model.name, "model_overrides": self.cfg.model.overrides(),
+                        "num_classes": self.train_loader.num_classes,
+                        "state_dict": {k: v.cpu() for k, v in self.step.eval_model().state_dict().items()}},
+                       tmp / "model.pt")
+            self.tracker.write_metrics_csv(tmp / "metrics.csv")
+            for name in ("config.yaml", "model.pt", "metrics.csv"):
+                self.tracker.log_artifact(tmp / name)
+
+
+def report_to_file(path: str) -> Report:
+    def append(metrics: dict[str, Any]) -> None:
+        with open(path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+    return append
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resnet_core.train", description=__doc__.split("\n")[0])
+    parser.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR recipe)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override keys, e.g. optim.lr=0.05")
+    args = parser.parse_args(argv)
+    report = report_to_file(os.environ[REPORT_FILE_ENV]) if os.environ.get(REPORT_FILE_ENV) else None
+    try:
+        cfg = load_config(args.config, args.set)
+        result = train(cfg, report)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Interrupted as err:
+        print(f"interrupted: {err}; checkpoint written, run again to resume", file=sys.stderr)
+        return 3
+    if distributed.read_env().is_main:
+        print(json.dumps(result))
+        if report:
+            report(result)
+    return 0 if result["status"] == "FINISHED" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
