@@ -1,6 +1,6 @@
 """`orchestrate`: the command line. Each subcommand lives in ``orchestrator/commands/<name>.py`` and exposes
-``add_parser(subparsers)`` (its arguments) and ``run(args) -> int``; it is imported only when chosen, so a missing
-optional dependency of one command never breaks the others.
+``add_parser(parser)`` (its arguments) and ``run(args) -> int``; only the chosen one is imported, so the CLI starts
+fast and a missing optional dependency of one command never breaks the others.
 """
 from __future__ import annotations
 
@@ -8,12 +8,19 @@ import argparse
 import importlib
 import sys
 
+DESCRIPTION = "Run the experiments of He et al. 2016 (ResNets) and your sweeps on Ray Tune or SLURM, tracked in MLflow."
+
 # command name -> (module under orchestrator.commands, one-line help)
 COMMANDS = {
     "models": ("models", "list the paper's models with depth, parameters and multiply-adds"),
     "demo": ("demo", "the main job on its embedded defaults (what setup.sh runs)"),
+    "sweep": ("sweep", "run or resume a YAML sweep on Ray Tune or SLURM, tracked in MLflow"),
+    "status": ("status", "a sweep's trials as MLflow records them"),
     "train": ("train", "train one trial from a YAML config (the worker)"),
     "bench-loader": ("bench_loader", "measure a data loader's images/s"),
+    "ensemble": ("ensemble", "combine the K best trials of a sweep and log what the ensemble gains"),
+    "report": ("report", "the sweep as the paper's Table 6 (markdown) and Fig. 6 (PNG)"),
+    "ui": ("ui", "start the MLflow UI for the tracking store, bound to 127.0.0.1"),
 }
 
 
@@ -21,19 +28,21 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="orchestrate", description=__doc__.split("\n")[0])
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="orchestrate", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(module=module)
-        # Arguments are declared by the command's module; importing it is cheap (heavy imports live in run()).
-        importlib.import_module(f"orchestrator.commands.{module}").add_parser(p)
+        if name == chosen:  # its arguments are declared by its module (heavy imports live in run())
+            importlib.import_module(f"orchestrator.commands.{module}").add_parser(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
@@ -41,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     command = importlib.import_module(f"orchestrator.commands.{args.module}")
     try:
         return command.run(args) or 0
-    except (UserError, ValueError, FileNotFoundError) as err:
+    except (UserError, ValueError, FileNotFoundError) as err:  # SpecError and ConfigError are ValueErrors
         print(f"orchestrate {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,205 @@
+"""The Ray Tune backend: trials as Tune trials on a local Ray (started on demand) or an existing cluster.
+
+Tune runs the already-expanded trial list (a grid over trials), with per-trial resources (fractional GPUs
+pack small trials onto one GPU) and, optionally, ASHA, which stops trials from the metrics the worker reports
+after each evaluation. A one-process trial runs ``train(cfg)`` inside the Tune actor; a multi-GPU trial runs
+torchrun / the DeepSpeed launcher as a child process and relays its reports.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from .. import launch
+from ..ledger import Ledger
+from ..trials import SweepContext, Trial
+from .base import Events
+
+from resnet_core.train import REPORT_FILE_ENV  # noqa: E402  (the worker defines the channel)
+
+
+def uses_launcher(spec, cfg_dict: dict) -> str:
+    """python (in the Tune actor) for one process; torchrun/deepspeed for several or when asked."""
+    if spec.launcher != "auto":
+        return spec.launcher
+    if cfg_dict["dist"]["engine"] == "deepspeed":
+        return "deepspeed"
+    return "torchrun" if spec.resources.workers_per_node > 1 else "python"
+
+
+def child_command(launcher: str, config_path: str, workers: int) -> list[str]:
+    bin_dir = Path(sys.executable).parent
+    if launcher == "deepspeed":
+        return launch.deepspeed_command(config_path, gpus_per_node=workers, deepspeed=str(bin_dir / "deepspeed"))
+    return launch.torchrun_command(config_path, nproc_per_node=workers, torchrun=str(bin_dir / "torchrun"))
+
+
+def run_trial(config: dict[str, Any]) -> None:
+    """The Tune trainable: one trial. Reports after every evaluation; the last report says how it ended."""
+    trial = config["trial"]
+    tags = {"backend": "ray", "backend_job_id": tune.get_context().get_trial_id()}
+    cfg_dict = json.loads(json.dumps(trial["config"]))
+    cfg_dict["tracking"]["tags"].update(tags)
+    if trial["launcher"] == "python":
+        result = run_in_process(cfg_dict, trial["cpus"])
+    else:
+        result = run_child(cfg_dict, trial["launcher"], trial["workers"])
+    tune.report({"trial_status": result["status"], "trial_key": trial["key"], "run_id": result.get("run_id"),
+                 **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
+
+
+def run_in_process(cfg_dict: dict, cpus: float) -> dict:
+    import torch
+    from resnet_core.train import train
+    torch.set_num_threads(max(1, int(cpus)))
+    return train(cfg_dict, report=lambda metrics: tune.report(dict(metrics)))
+
+
+def run_child(cfg_dict: dict, launcher: str, workers: int) -> dict:
+    """torchrun / deepspeed as a child; its rank 0 appends reports to a file that we relay to Tune."""
+    import yaml
+    with tempfile.TemporaryDirectory() as tmp:
+        config_path, reports = Path(tmp) / "trial.yaml", Path(tmp) / "reports.jsonl"
+        config_path.write_text(yaml.safe_dump(cfg_dict))
+        env = {**os.environ, REPORT_FILE_ENV: str(reports)}
+        # Our death (Tune stopping the trial) must take the launcher and its ranks with it.
+        child = subprocess.Popen(child_command(launcher, str(config_path), workers), env=env,
+                                 preexec_fn=_die_with_parent)
+        seen = 0
+        while True:
+            done = child.poll() is not None
+            lines = reports.read_text().splitlines() if reports.exists() else []
+            for line in lines[seen:]:
+                tune.report(json.loads(line))
+            seen = len(lines)
+            if done:
+                break
+            time.sleep(1.0)
+        final = [json.loads(line) for line in lines if '"status"' in line]
+        if child.returncode != 0 or not final:
+            raise RuntimeError(f"{shlex.join(child.args)} exited with {child.returncode}")
+        return final[-1]
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class RayTuneBackend:
+    name = "ray"
+
+    def __init__(self, ctx: SweepContext):
+        self.ctx = ctx
+        self.spec = ctx.spec
+        self.address = ctx.cluster.get("ray", {}).get("address")
+
+    def describe(self, trial: Trial) -> str:
+        launcher = uses_launcher(self.spec, trial.config_dict())
+        r = self.spec.resources
+        where = f"Ray {'at ' + self.address if self.address else 'local'}: {{cpu: {r.cpus}, gpu: {r.gpus}}}"
+        if launcher == "python":
+            return f"{where}; in the Tune actor: resnet_core.train.train(<trial config>)"
+        return f"{where}; " + shlex.join(child_command(launcher, "<trial config>.yaml", r.workers_per_node))
+
+    def run(self, trials: list[Trial], events: Events) -> None:
+        import ray
+        self.start_ray()
+        try:
+            tuner = tune.Tuner(
+                tune.with_resources(run_trial, {"cpu": self.spec.resources.cpus, "gpu": self.spec.resources.gpus}),
+                param_space={"trial": tune.grid_search([self.trial_payload(t) for t in trials])},
+                tune_config=tune.TuneConfig(scheduler=self.scheduler(), max_concurrent_trials=self.spec.max_concurrent,
+                                            trial_name_creator=lambda t: t.config["trial"]["key"],
+                                            trial_dirname_creator=lambda t: t.config["trial"]["key"]),
+                run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
+                                          storage_path=str((self.ctx.output / "ray").resolve()), verbose=0,
+                                          callbacks=[EventsCallback(events, self.ctx)]))
+            tuner.fit()
+        finally:
+            if not self.address:
+                ray.shutdown()
+
+    def trial_payload(self, trial: Trial) -> dict[str, Any]:
+        cfg = trial.config_dict()
+        return {"key": trial.key, "label": trial.label, "config": cfg, "cpus": self.spec.resources.cpus,
+                "launcher": uses_launcher(self.spec, cfg), "workers": self.spec.resources.workers_per_node}
+
+    def scheduler(self):
+        asha = self.spec.scheduler.asha
+        if asha is None:
+            return None
+        from ray.tune.schedulers import ASHAScheduler
+        max_t = asha.max_t or 10**6  # default: a trial's own length ends it
+        return ASHAScheduler(time_attr="epoch", metric=asha.metric, mode=asha.mode, max_t=max_t,
+                             grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
+
+    def start_ray(self) -> None:
+        import ray
+        # Trials keep the sweep's working directory: relative data paths and stores mean the same there.
+        os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+        os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no banners; our view reports
+        if self.address:
+            ray.init(address=self.address, log_to_driver=False)
+            return
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
+
+
+class EventsCallback(tune.Callback):
+    """Tune's trial events -> the progress view; a trial that ends without its final report was stopped by ASHA.
+
+    Tune pickles its callbacks with the experiment state; the live view stays behind (it holds a lock).
+    """
+
+    def __init__(self, events: Events, ctx: SweepContext):
+        self.events, self.ctx = events, ctx
+
+    def __getstate__(self):
+        return {"events": None, "ctx": self.ctx}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.events.update(trial.config["trial"]["key"], "running")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = {k: result[k] for k in ("epoch", "val_error", "test_error") if k in result}
+        self.events.update(trial.config["trial"]["key"], "running", **metrics)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        key = trial.config["trial"]["key"]
+        if "trial_status" in last:
+            state = "finished" if last["trial_status"] == "FINISHED" else "failed"
+            self.events.update(key, state, **_final(last))
+            return
+        reason = early_stop_reason(self.ctx, last)
+        if last.get("run_id"):
+            Ledger(self.ctx.tracking_uri, self.ctx.spec.name).mark_early_stopped(last["run_id"], reason)
+        self.events.update(key, "stopped", reason=reason, **_final(last))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.events.update(trial.config["trial"]["key"], "failed", reason="error in the trial (see its log)")
+
+
+def early_stop_reason(ctx: SweepContext, last: dict) -> str:
+    asha = ctx.spec.scheduler.asha
+    metric = asha.metric if asha else "metric"
+    value = last.get(metric)
+    shown = f"{value:.4f}" if isinstance(value, float) else value
+    return f"stopped early by ASHA at epoch {last.get('epoch')} ({metric} {shown})"
+
+
+def _final(last: dict) -> dict:
+    return {k: last[k] for k in ("epoch", "val_error", "test_error") if k in last}

@@ -1,0 +1,62 @@
+"""`orchestrate status [SWEEP]`: a sweep's trials as MLflow records them (or, without SWEEP, every sweep)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("sweep", nargs="?", help="sweep name (its MLflow experiment); omitted: list the sweeps")
+    p.add_argument("--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
+
+
+def trial_state(run) -> str:
+    return "STOPPED (early)" if run.data.tags.get("early_stopped") == "true" else run.info.status
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlflow import MlflowClient
+    from rich.console import Console
+    from rich.table import Table
+
+    from orchestrator.cli import UserError
+    from orchestrator.sweep import absolute_uri, store_exists
+    from resnet_core.tracking import tracking_uri
+
+    uri = absolute_uri(tracking_uri(args.tracking_uri))
+    if not store_exists(uri):
+        raise UserError(f"no tracking store at {uri}")
+    client = MlflowClient(uri)
+    if args.sweep is None:
+        table = Table(title=f"sweeps in {uri}")
+        for column in ("sweep", "trials", "finished", "running/interrupted", "failed", "stopped early"):
+            table.add_column(column)
+        for exp in client.search_experiments():
+            runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=50000)
+            if runs:
+                states = [trial_state(r) for r in runs]
+                table.add_row(exp.name, str(len(runs)), str(states.count("FINISHED")),
+                              str(sum(s in ("RUNNING", "KILLED", "SCHEDULED") for s in states)),
+                              str(states.count("FAILED")), str(states.count("STOPPED (early)")))
+        Console().print(table)
+        return 0
+    exp = client.get_experiment_by_name(args.sweep)
+    if exp is None:
+        names = ", ".join(e.name for e in client.search_experiments())
+        raise UserError(f"no sweep named {args.sweep!r} in {uri}; sweeps there: {names or 'none'}")
+    runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=50000,
+                              order_by=["metrics.test_error ASC"])
+    table = Table(title=f"sweep {args.sweep} ({len(runs)} trials)")
+    for column in ("trial", "key", "status", "epoch", "test_error", "best_val_error", "run id", "note"):
+        table.add_column(column)
+    for r in runs:
+        m, tags = r.data.metrics, r.data.tags
+        table.add_row(tags.get("trial_overrides", ""), tags.get("trial_key", "")[:8], trial_state(r),
+                      f"{m['epoch']:.0f}" if "epoch" in m else "", _fmt(m.get("test_error")),
+                      _fmt(m.get("best_val_error")), r.info.run_id[:12],
+                      tags.get("status_reason", "") if r.info.status != "FINISHED" else "")
+    Console(width=200).print(table)
+    return 0
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.4f}"

@@ -1,0 +1,25 @@
+"""`orchestrate sweep SPEC.yaml`: run (or resume) a sweep on Ray Tune or SLURM, tracked in MLflow."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="sweep YAML (see sweeps/)")
+    p.add_argument("--backend", choices=["ray", "slurm"], help="override the spec's backend")
+    p.add_argument("--dry-run", action="store_true", help="print trials, commands and GPU-hours; submit nothing")
+    p.add_argument("--retry-failed", action="store_true", help="run FAILED trials again (they resume their run)")
+    p.add_argument("--tracking-uri", help="MLflow store (default: spec, $MLFLOW_TRACKING_URI, sqlite:///mlruns.db)")
+    p.add_argument("--output", help="folder for checkpoints and logs (default: runs/sweeps/<name>)")
+    p.add_argument("--max-concurrent", type=int, help="trials running at once")
+
+
+def run(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import dry_run, prepare, run_sweep
+    ctx, trials = prepare(args.spec, backend=args.backend, tracking_uri=args.tracking_uri, output=args.output,
+                          max_concurrent=args.max_concurrent)
+    if args.dry_run:
+        print(dry_run(ctx, trials))
+        return 0
+    counts = run_sweep(ctx, trials, retry_failed=args.retry_failed)
+    return 1 if counts["failed"] else 0

@@ -1,0 +1,58 @@
+"""Cost estimates for dry runs: training multiply-adds and GPU-hours from a measured throughput table.
+
+Small CIFAR nets are launch-bound, not compute-bound (../shared/docs/gpu.md), so GPU time is estimated from
+measured images/s, scaled by multiply-adds between the measured models.
+"""
+from __future__ import annotations
+
+import functools
+
+from resnet_core.config import TrainConfig
+
+# Measured on one H100, batch 128, bf16, whole step in one CUDA graph (../shared/docs/gpu.md):
+# model multiply-adds per image -> training images/s.
+MEASURED_H100_GRAPH = {40.6e6: 63_800, 125.5e6: 23_300, 252.9e6: 12_000}  # ResNet-20, -56, -110
+EAGER_SLOWDOWN = 63_800 / 11_000  # eager PyTorch ResNet-20 vs one CUDA graph, same GPU
+CIFAR_TRAIN_IMAGES = 50_000
+
+
+@functools.lru_cache(maxsize=None)
+def model_multiply_adds(name: str, overrides: tuple) -> int:
+    import torch
+    from resnet_core.models import count_multiply_adds, create_model
+    with torch.device("meta"):
+        return count_multiply_adds(create_model(name, **dict(overrides)))
+
+
+def train_images(cfg: TrainConfig) -> int:
+    """Images one trial trains on: iterations x global batch."""
+    if cfg.schedule.unit == "iterations":
+        return cfg.schedule.total * cfg.batch_size
+    per_epoch = cfg.data.subset or (cfg.data.synthetic.train_size if cfg.data.path == "synthetic"
+                                    else CIFAR_TRAIN_IMAGES) - cfg.data.val_split
+    return cfg.schedule.total * per_epoch
+
+
+def training_multiply_adds(cfg: TrainConfig) -> float:
+    """Forward + backward ~ 3x the forward multiply-adds, for every training image."""
+    macs = model_multiply_adds(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))
+    return 3.0 * macs * train_images(cfg)
+
+
+def images_per_second(macs_per_image: float, graph: bool = True) -> float:
+    """Interpolate the measured table in 1/multiply-adds; beyond it, assume compute-bound scaling."""
+    points = sorted(MEASURED_H100_GRAPH.items())
+    lo = max((p for p in points if p[0] <= macs_per_image), default=points[0])
+    hi = min((p for p in points if p[0] >= macs_per_image), default=points[-1])
+    if lo == hi:
+        rate = lo[1] * lo[0] / macs_per_image
+    else:
+        t = (macs_per_image - lo[0]) / (hi[0] - lo[0])
+        rate = 1 / ((1 - t) / lo[1] + t / hi[1])
+    return rate if graph else rate / EAGER_SLOWDOWN
+
+
+def gpu_hours(cfg: TrainConfig) -> float:
+    macs = model_multiply_adds(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))
+    graph = cfg.step in ("auto", "graph")
+    return train_images(cfg) / images_per_second(macs, graph) / 3600

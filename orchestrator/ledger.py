@@ -1,0 +1,64 @@
+"""MLflow as the record of a sweep: one experiment per sweep, one run per trial (tag trial_key).
+
+It decides what a (re-)run of a sweep submits: finished and early-stopped trials are skipped, interrupted ones
+resume (the worker continues their run from its checkpoint), failed ones only with --retry-failed. A trial is
+never given a second run: the worker reuses the run that carries its key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .trials import Trial
+
+DONE, RESUME, RETRY, NEW, SKIP_FAILED = "finished", "resume", "retry", "new", "failed (skipped)"
+
+
+@dataclass
+class Plan:
+    to_run: list[Trial] = field(default_factory=list)
+    reason: dict[str, str] = field(default_factory=dict)   # trial key -> DONE / RESUME / RETRY / NEW / ...
+    run_ids: dict[str, str] = field(default_factory=dict)  # trial key -> existing MLflow run id
+
+    def count(self, reason: str) -> int:
+        return sum(1 for r in self.reason.values() if r == reason)
+
+
+class Ledger:
+    def __init__(self, uri: str, experiment: str, create: bool = True):
+        from mlflow import MlflowClient
+        from resnet_core.tracking import get_or_create_experiment
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        # Created here, once, before any worker writes: concurrent creation of an sqlite store crashes.
+        self.experiment_id = found.experiment_id if found else (
+            get_or_create_experiment(self.client, experiment) if create else None)
+
+    def trial_runs(self) -> dict[str, object]:
+        """The newest run of each trial key in this sweep's experiment."""
+        if self.experiment_id is None:
+            return {}
+        runs = self.client.search_runs([self.experiment_id], "tags.kind = 'trial'", max_results=50000,
+                                       order_by=["attributes.start_time ASC"])
+        return {r.data.tags["trial_key"]: r for r in runs if "trial_key" in r.data.tags}
+
+    def plan(self, trials: list[Trial], retry_failed: bool = False) -> Plan:
+        plan, runs = Plan(), self.trial_runs()
+        for trial in trials:
+            run = runs.get(trial.key)
+            if run is None:
+                reason = NEW
+            else:
+                plan.run_ids[trial.key] = run.info.run_id
+                status, stopped = run.info.status, run.data.tags.get("early_stopped") == "true"
+                reason = (DONE if status == "FINISHED" or stopped else
+                          (RETRY if retry_failed else SKIP_FAILED) if status == "FAILED" else RESUME)
+            plan.reason[trial.key] = reason
+            if reason in (NEW, RESUME, RETRY):
+                plan.to_run.append(trial)
+        return plan
+
+    def mark_early_stopped(self, run_id: str, reason: str) -> None:
+        """The scheduler stopped this trial: a final state with the reason, never resumed by a re-run."""
+        for key, value in {"early_stopped": "true", "status_reason": reason}.items():
+            self.client.set_tag(run_id, key, value)
+        self.client.set_terminated(run_id, status="KILLED")

@@ -1,0 +1,111 @@
+"""The live view of a sweep: trials pending/running/finished/failed/stopped, best so far, elapsed and ETA.
+
+A rich live table on a terminal; plain timestamped log lines otherwise (CI, batch jobs), one per state change.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .trials import Trial
+
+STATES = ("pending", "running", "finished", "failed", "stopped", "skipped")
+
+
+@dataclass
+class TrialView:
+    label: str
+    state: str = "pending"
+    info: dict = field(default_factory=dict)
+
+
+class SweepProgress:
+    def __init__(self, name: str, trials: list[Trial], skipped: dict[str, str], metric: str = "test_error",
+                 live: bool | None = None):
+        self.name, self.metric = name, metric
+        self.trials = {t.key: TrialView(t.label) for t in trials}
+        for key, reason in skipped.items():
+            self.trials.setdefault(key, TrialView(key[:8])).state = "skipped"
+            self.trials[key].info["reason"] = reason
+        self.started = time.monotonic()
+        self.live = sys.stdout.isatty() if live is None else live
+        self._lock = threading.Lock()
+        self._live = None
+
+    def __enter__(self) -> "SweepProgress":
+        if self.live:
+            from rich.live import Live
+            self._live = Live(self.render(), refresh_per_second=2, transient=False)
+            self._live.__enter__()
+        else:
+            self.log(f"sweep {self.name!r}: {self.summary()}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._live:
+            self._live.update(self.render())
+            self._live.__exit__(*exc)
+        else:
+            self.log(f"sweep {self.name!r} done: {self.summary()}")
+
+    def update(self, trial_key: str, state: str, **info) -> None:
+        with self._lock:
+            view = self.trials.setdefault(trial_key, TrialView(trial_key[:8]))
+            changed = state != view.state
+            view.state = state
+            view.info.update(info)
+            if self._live:
+                self._live.update(self.render())
+            elif changed:
+                details = " ".join(f"{k}={_fmt(v)}" for k, v in info.items())
+                self.log(f"{state:8s} {view.label} [{trial_key[:8]}] {details}".rstrip())
+
+    def counts(self) -> dict[str, int]:
+        return {s: sum(1 for v in self.trials.values() if v.state == s) for s in STATES}
+
+    def best(self) -> tuple[str, float] | None:
+        scored = [(v.label, v.info[self.metric]) for v in self.trials.values()
+                  if isinstance(v.info.get(self.metric), (int, float))]
+        return min(scored, key=lambda x: x[1]) if scored else None
+
+    def eta_seconds(self) -> float | None:
+        counts = self.counts()
+        done = counts["finished"] + counts["failed"] + counts["stopped"]
+        remaining = counts["pending"] + counts["running"]
+        if not done or not remaining:
+            return None
+        return (time.monotonic() - self.started) / done * remaining
+
+    def summary(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items() if n)
+        best = self.best()
+        eta = self.eta_seconds()
+        return (f"{counts}; elapsed {_duration(time.monotonic() - self.started)}"
+                + (f"; best {self.metric} {best[1]:.4f} ({best[0]})" if best else "")
+                + (f"; ETA {_duration(eta)}" if eta else ""))
+
+    def render(self):
+        from rich.table import Table
+        table = Table(title=f"sweep {self.name}", caption=self.summary())
+        for column in ("trial", "state", "epoch", "val_error", "test_error", "note"):
+            table.add_column(column)
+        order = {s: i for i, s in enumerate(("running", "pending", "finished", "stopped", "failed", "skipped"))}
+        for key, v in sorted(self.trials.items(), key=lambda kv: order[kv[1].state]):
+            table.add_row(v.label, v.state, _fmt(v.info.get("epoch", "")), _fmt(v.info.get("val_error", "")),
+                          _fmt(v.info.get("test_error", "")), str(v.info.get("reason", "")))
+        return table
+
+    @staticmethod
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

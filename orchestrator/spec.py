@@ -1,0 +1,182 @@
+"""The sweep spec: a YAML file naming a base trial config, a search space over its dotted keys, the resources of
+one trial, an optional early-stopping scheduler and the backend. Validated whole before anything is submitted;
+every error is one line naming the key.
+
+    name: cifar_depth
+    base: {schedule: {total: 64000}}          # a resnet_core TrainConfig (the paper's recipe by default)
+    space:
+      model.name: [resnet20, resnet56]         # a list is a grid axis
+      optim.lr: {loguniform: [0.01, 0.5]}      # a distribution is sampled (num_samples per grid point)
+    num_samples: 1
+    scheduler: {asha: {metric: val_error, grace_period: 2}}
+    resources: {gpus: 0.25, cpus: 2}
+    backend: ray
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from resnet_core.config import format_validation_error
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+BACKENDS = ("ray", "slurm")
+
+
+class SpecError(ValueError):
+    """A sweep spec that cannot run: one line naming the file and the key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class AshaConfig(Strict):
+    """Asynchronous successive halving (Li et al. 2020), as Ray Tune implements it; time is counted in epochs."""
+    metric: str = Field("val_error", description="a metric every evaluation reports (val_error, test_error, ...)")
+    mode: Literal["min", "max"] = "min"
+    max_t: int | None = Field(None, ge=1, description="epochs; default: the trial's length")
+    grace_period: int = Field(1, ge=1, description="epochs every trial gets before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SchedulerConfig(Strict):
+    asha: AshaConfig | None = None
+
+
+class Resources(Strict):
+    gpus: float = Field(0, ge=0, description="GPUs per node of a trial; a fraction packs trials on one GPU")
+    cpus: float = Field(1, gt=0, description="CPU cores per trial (per node)")
+    nodes: int = Field(1, ge=1, description="nodes per trial (SLURM: srun + torchrun/DeepSpeed rendezvous)")
+    time_limit: str = Field("01:00:00", description="wall-time limit of one trial, HH:MM:SS (SLURM --time)")
+    memory_gb: float | None = Field(None, gt=0, description="host memory per node (SLURM --mem)")
+
+    @field_validator("time_limit")
+    @classmethod
+    def _hh_mm_ss(cls, value: str) -> str:
+        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", value):
+            raise ValueError(f"{value!r} is not [D-]HH:MM:SS")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Resources":
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"gpus: {self.gpus} — a fraction is for packing several trials on one GPU; "
+                             "more than one GPU must be a whole number")
+        if self.nodes > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"gpus: fractional GPUs ({self.gpus}) cannot span {self.nodes} nodes")
+        return self
+
+    @property
+    def workers_per_node(self) -> int:
+        """Processes per node: one per whole GPU, else one."""
+        return max(1, int(self.gpus))
+
+
+class SweepSpec(Strict):
+    name: str = Field(description="the sweep's name: its MLflow experiment and its output folder")
+    base: dict[str, Any] = Field(default_factory=dict, description="the trial config every trial starts from")
+    space: dict[str, Any] = Field(default_factory=dict, description="dotted key -> list (grid) or distribution")
+    search: Literal["grid", "random"] = Field("grid", description="random: lists are sampled as choices too")
+    num_samples: int = Field(1, ge=1, description="samples per grid point (random search: trials)")
+    seed: int = Field(0, description="seed of the sampling of the space (not of training)")
+    scheduler: SchedulerConfig = SchedulerConfig()
+    resources: Resources = Resources()
+    max_concurrent: int | None = Field(None, ge=1, description="trials running at once (default: as resources allow)")
+    backend: Literal["ray", "slurm"] = "ray"
+    launcher: Literal["auto", "python", "torchrun", "deepspeed"] = Field(
+        "auto", description="auto: python for one process, torchrun for several, deepspeed for dist.engine=deepspeed")
+    cluster: str | None = Field(None, description="cluster profile YAML (cluster/*.yaml); relative to the spec")
+    output: str | None = Field(None, description="folder for checkpoints and logs; default runs/sweeps/<name>")
+    tracking_uri: str | None = Field(None, description="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
+
+    @field_validator("name")
+    @classmethod
+    def _usable_name(cls, value: str) -> str:
+        if not value.strip() or "/" in value or "\n" in value or value in (".", ".."):
+            raise ValueError(f"{value!r}: a sweep name must be non-empty, one line, without '/'")
+        return value
+
+    @field_validator("backend", mode="before")
+    @classmethod
+    def _known_backend(cls, value):
+        if value not in BACKENDS:
+            raise ValueError(f"unknown backend {value!r}; valid: {', '.join(BACKENDS)}")
+        return value
+
+    @field_validator("space")
+    @classmethod
+    def _well_formed_space(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for key, domain in space.items():
+            check_domain(key, domain)
+        return space
+
+    @model_validator(mode="after")
+    def _backend_fits_resources(self) -> "SweepSpec":
+        if self.resources.nodes > 1 and self.backend == "ray":
+            raise ValueError("resources.nodes: multi-node trials run on the slurm backend; ray packs trials "
+                             "onto single nodes")
+        if self.scheduler.asha and self.search == "grid" and not self.space:
+            raise ValueError("scheduler.asha: early stopping needs several trials (space is empty)")
+        return self
+
+
+def check_domain(key: str, domain: Any) -> None:
+    where = f"space.{key}"
+    if isinstance(domain, list):
+        if not domain:
+            raise ValueError(f"{where}: an empty grid makes no trials")
+        return
+    if not isinstance(domain, dict) or len(domain) != 1:
+        raise ValueError(f"{where}: expected a list (grid) or one of {{{': [...], '.join(DISTRIBUTIONS)}: [...]}}")
+    (kind, args), = domain.items()
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"{where}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
+    if kind == "choice":
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"{where}.choice: needs a non-empty list")
+        return
+    if not (isinstance(args, list) and len(args) == 2 and all(isinstance(a, (int, float)) for a in args)):
+        raise ValueError(f"{where}.{kind}: needs [low, high]")
+    low, high = args
+    if low >= high or (kind == "loguniform" and low <= 0):
+        raise ValueError(f"{where}.{kind}: [{low}, {high}] is not a valid range"
+                         + (" (loguniform needs 0 < low < high)" if kind == "loguniform" else ""))
+
+
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepSpec, Path]:
+    """Read and validate a sweep YAML; ``overrides`` are top-level fields from the command line (backend, ...)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"sweep spec not found: {path}")
+    try:
+        tree = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise SpecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise SpecError(f"{path}: the top level must be a mapping (name, base, space, ...)")
+    tree.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        return SweepSpec.model_validate(tree), path
+    except ValidationError as err:
+        raise SpecError(f"{path}: {format_validation_error(err, SweepSpec)}") from None
+
+
+def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
+    """The cluster profile named by the spec (partition, account, ...), or {} when none is named."""
+    if spec.cluster is None:
+        return {}
+    path = Path(spec.cluster)
+    candidates = [path] if path.is_absolute() else [spec_path.parent / path, Path.cwd() / path]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        raise SpecError(f"{spec_path}: cluster: profile {spec.cluster!r} not found (looked in "
+                        f"{', '.join(str(c) for c in candidates)})")
+    profile = yaml.safe_load(found.read_text()) or {}
+    if not isinstance(profile, dict):
+        raise SpecError(f"{found}: a cluster profile must be a mapping")
+    return profile

@@ -1,0 +1,70 @@
+"""Running a sweep: spec -> trials -> (skip what MLflow says is done) -> backend, with a live view."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from resnet_core.tracking import tracking_uri
+
+from .backends import get_backend
+from .estimate import gpu_hours
+from .ledger import DONE, Ledger
+from .progress import SweepProgress
+from .spec import load_cluster_profile, load_spec
+from .trials import SweepContext, Trial, expand
+
+
+def absolute_uri(uri: str) -> str:
+    """Trials run in other processes, folders and nodes: a relative sqlite path must not change meaning."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
+
+
+def prepare(spec_path: str, **overrides) -> tuple[SweepContext, list[Trial]]:
+    spec, path = load_spec(spec_path, overrides)
+    ctx = SweepContext(spec=spec, spec_path=path,
+                       output=Path(spec.output or Path("runs") / "sweeps" / spec.name).resolve(),
+                       tracking_uri=absolute_uri(tracking_uri(spec.tracking_uri)),
+                       cluster=load_cluster_profile(spec, path))
+    return ctx, expand(ctx)
+
+
+def store_exists(uri: str) -> bool:
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
+
+
+def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
+    """Every trial, its resources and exact launch, and the GPU-hour estimate; touches no store, no queue."""
+    backend = get_backend(ctx.spec.backend)(ctx)
+    done = {}
+    if store_exists(ctx.tracking_uri):
+        done = Ledger(ctx.tracking_uri, ctx.spec.name, create=False).plan(trials).reason
+    r = ctx.spec.resources
+    lines = [f"sweep {ctx.spec.name!r}: {len(trials)} trials on backend {ctx.spec.backend} "
+             f"(each: {r.nodes} node(s), {r.gpus} GPU(s)/node, {r.cpus} CPU(s), time limit {r.time_limit})",
+             f"tracking: {ctx.tracking_uri} (experiment {ctx.spec.name!r}); output: {ctx.output}", ""]
+    total = 0.0
+    for trial in trials:
+        hours = gpu_hours(trial.config) * r.nodes
+        total += hours
+        state = done.get(trial.key, "new")
+        lines += [f"trial {trial.key}  {trial.label}  [{state}]  ~{hours:.3f} GPU-h",
+                  *("    " + line for line in backend.describe(trial).splitlines())]
+    todo = sum(gpu_hours(t.config) * r.nodes for t in trials if done.get(t.key) != DONE)
+    lines += ["", f"estimated GPU-hours: {total:.2f} in all, {todo:.2f} still to run "
+                  f"(H100, bf16, CUDA-graph step; eager PyTorch takes ~{63_800 / 11_000:.1f}x longer)",
+              "dry run: nothing submitted, nothing logged"]
+    return "\n".join(lines)
+
+
+def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False, live: bool | None = None) -> dict:
+    ledger = Ledger(ctx.tracking_uri, ctx.spec.name)
+    plan = ledger.plan(trials, retry_failed)
+    skipped = {k: r for k, r in plan.reason.items() if k not in {t.key for t in plan.to_run}}
+    metric = ctx.spec.scheduler.asha.metric if ctx.spec.scheduler.asha else "test_error"
+    progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
+    with progress:
+        if plan.to_run:
+            get_backend(ctx.spec.backend)(ctx).run(plan.to_run, progress)
+    return {"started": len(plan.to_run), "skipped": len(skipped), **progress.counts()}

@@ -1,0 +1,122 @@
+"""A sweep spec becomes a list of trials: resolved, validated trial configs, each with its stable trial key.
+
+Expansion happens here, seeded, before any backend sees the trials, so a dry run, a resumed sweep and every
+backend agree on the same trials and keys (Ray Tune only runs the list; it does not sample it).
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resnet_core.config import ConfigError, TrainConfig, build_config, set_dotted, trial_key
+
+from .spec import SpecError, SweepSpec
+
+
+@dataclass(frozen=True)
+class Trial:
+    key: str                       # hash of the resolved config: the identity of the trial everywhere
+    overrides: dict[str, Any]      # the space's values for this trial (what differs from base)
+    config: TrainConfig            # resolved, with the sweep's tracking and checkpoint settings
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.overrides.items()) or "base"
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.model_dump(mode="json")
+
+
+@dataclass
+class SweepContext:
+    """Where a sweep writes: its output folder, its MLflow store and experiment."""
+    spec: SweepSpec
+    spec_path: Path
+    output: Path
+    tracking_uri: str
+    cluster: dict[str, Any] = field(default_factory=dict)
+
+
+def sample(domain: Any, rng: random.Random) -> Any:
+    if isinstance(domain, list):
+        return rng.choice(domain)
+    (kind, args), = domain.items()
+    if kind == "choice":
+        return rng.choice(args)
+    low, high = args
+    if kind == "loguniform":
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+    if kind == "randint":
+        return rng.randint(int(low), int(high) - 1)  # high exclusive, as Ray Tune's randint
+    return rng.uniform(low, high)
+
+
+def assignments(spec: SweepSpec) -> list[dict[str, Any]]:
+    """Grid: the product of the lists, each point repeated num_samples times with fresh samples of the
+    distributions (Ray Tune's semantics). Random: num_samples points, every key sampled."""
+    rng = random.Random(spec.seed)
+    grid_keys = [k for k, d in spec.space.items() if isinstance(d, list) and spec.search == "grid"]
+    sampled_keys = [k for k in spec.space if k not in grid_keys]
+    points = list(itertools.product(*(spec.space[k] for k in grid_keys))) if grid_keys else [()]
+    out = []
+    for _ in range(spec.num_samples):
+        for point in points:
+            values = dict(zip(grid_keys, point))
+            values.update({k: sample(spec.space[k], rng) for k in sampled_keys})
+            out.append({k: values[k] for k in spec.space})  # the spec's key order
+    return out
+
+
+def resolve(ctx: SweepContext, overrides: dict[str, Any]) -> Trial:
+    tree = json.loads(json.dumps(ctx.spec.base))
+    for key, value in overrides.items():
+        set_dotted(tree, key, value)
+    base = build_config(tree)  # validates; the key depends only on result-changing fields
+    key = trial_key(base)
+    label = " ".join(f"{k}={v}" for k, v in overrides.items())
+    set_dotted(tree, "tracking.experiment", ctx.spec.name)
+    set_dotted(tree, "tracking.uri", ctx.tracking_uri)
+    set_dotted(tree, "tracking.tags", {**tree.get("tracking", {}).get("tags", {}),
+                                       "sweep": ctx.spec.name, "kind": "trial", "trial_overrides": label})
+    set_dotted(tree, "tracking.run_name", f"{label or 'base'} [{key[:8]}]")
+    set_dotted(tree, "checkpoint.root", str(ctx.output / "checkpoints"))
+    return Trial(key, overrides, build_config(tree))
+
+
+def expand(ctx: SweepContext) -> list[Trial]:
+    """Every trial of the sweep, validated, duplicates (same key) removed, longest first."""
+    trials, seen = [], set()
+    for overrides in assignments(ctx.spec):
+        try:
+            trial = resolve(ctx, overrides)
+        except ConfigError as err:
+            label = " ".join(f"{k}={v}" for k, v in overrides.items()) or "base"
+            where = "base" if not overrides else f"trial {label}"
+            raise SpecError(f"{ctx.spec_path}: {where}: {str(err).removeprefix('config: ')}") from None
+        if trial.key not in seen:
+            seen.add(trial.key)
+            trials.append(trial)
+    check_data_exists(ctx, trials)
+    return sorted(trials, key=lambda t: -estimated_work(t.config))
+
+
+def check_data_exists(ctx: SweepContext, trials: list[Trial]) -> None:
+    from resnet_core.data.formats import resolve_path
+    for path in sorted({t.config.data.path for t in trials}):
+        if path == "synthetic":
+            continue
+        try:
+            resolve_path(path)
+        except (FileNotFoundError, ValueError) as err:
+            raise SpecError(f"{ctx.spec_path}: base.data.path: {err}") from None
+
+
+def estimated_work(cfg: TrainConfig) -> float:
+    """Multiply-adds of the whole training run (forward + backward ~ 3x forward): orders trials longest-first."""
+    from .estimate import training_multiply_adds
+    return training_multiply_adds(cfg)
