@@ -26,7 +26,7 @@ class Trial:
 
     @property
     def label(self) -> str:
-        return " ".join(f"{k}={v}" for k, v in self.overrides.items()) or "base"
+        return label_of(self.overrides)
 
     def config_dict(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
@@ -40,6 +40,11 @@ class SweepContext:
     output: Path
     tracking_uri: str
     cluster: dict[str, Any] = field(default_factory=dict)
+
+
+def label_of(overrides: dict[str, Any]) -> str:
+    """Short, readable: sampled floats to 4 significant digits (the config keeps full precision)."""
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in overrides.items()) or "base"
 
 
 def sample(domain: Any, rng: random.Random) -> Any:
@@ -78,12 +83,12 @@ def resolve(ctx: SweepContext, overrides: dict[str, Any]) -> Trial:
         set_dotted(tree, key, value)
     base = build_config(tree)  # validates; the key depends only on result-changing fields
     key = trial_key(base)
-    label = " ".join(f"{k}={v}" for k, v in overrides.items())
+    label = label_of(overrides)
     set_dotted(tree, "tracking.experiment", ctx.spec.name)
     set_dotted(tree, "tracking.uri", ctx.tracking_uri)
     set_dotted(tree, "tracking.tags", {**tree.get("tracking", {}).get("tags", {}),
                                        "sweep": ctx.spec.name, "kind": "trial", "trial_overrides": label})
-    set_dotted(tree, "tracking.run_name", f"{label or 'base'} [{key[:8]}]")
+    set_dotted(tree, "tracking.run_name", f"{label} [{key[:8]}]")
     set_dotted(tree, "checkpoint.root", str(ctx.output / "checkpoints"))
     return Trial(key, overrides, build_config(tree))
 
@@ -95,13 +100,13 @@ def expand(ctx: SweepContext) -> list[Trial]:
         try:
             trial = resolve(ctx, overrides)
         except ConfigError as err:
-            label = " ".join(f"{k}={v}" for k, v in overrides.items()) or "base"
-            where = "base" if not overrides else f"trial {label}"
+            where = "base" if not overrides else f"trial {label_of(overrides)}"
             raise SpecError(f"{ctx.spec_path}: {where}: {str(err).removeprefix('config: ')}") from None
         if trial.key not in seen:
             seen.add(trial.key)
             trials.append(trial)
     check_data_exists(ctx, trials)
+    check_scheduler_metric(ctx, trials)
     return sorted(trials, key=lambda t: -estimated_work(t.config))
 
 
@@ -114,6 +119,21 @@ def check_data_exists(ctx: SweepContext, trials: list[Trial]) -> None:
             resolve_path(path)
         except (FileNotFoundError, ValueError) as err:
             raise SpecError(f"{ctx.spec_path}: base.data.path: {err}") from None
+
+
+REPORTED_METRICS = ("val_error", "val_loss", "test_error", "test_loss")
+
+
+def check_scheduler_metric(ctx: SweepContext, trials: list[Trial]) -> None:
+    asha = ctx.spec.scheduler.asha
+    if asha is None:
+        return
+    if asha.metric not in REPORTED_METRICS:
+        raise SpecError(f"{ctx.spec_path}: scheduler.asha.metric: {asha.metric!r} is not reported after "
+                        f"evaluations; valid: {', '.join(REPORTED_METRICS)}")
+    if asha.metric.startswith("val_") and any(t.config.data.val_split == 0 for t in trials):
+        raise SpecError(f"{ctx.spec_path}: scheduler.asha.metric: {asha.metric} needs a validation split "
+                        "(base.data.val_split > 0); stopping on the test set would select on it")
 
 
 def estimated_work(cfg: TrainConfig) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -172,6 +173,9 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] | None =
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = f"unknown key; valid keys here: {', '.join(valid_keys_at(first['loc'][:-1], root))}"
+    field_prefix = re.match(r"^([a-z_]+): (.*)$", message, re.S)
+    if key and field_prefix:  # a section's own check names its field: fold it into the dotted key
+        key, message = f"{key}.{field_prefix.group(1)}", field_prefix.group(2)
     more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
     return f"{key}: {message}{more}" if key and not message.startswith(key) else f"{message}{more}"
 

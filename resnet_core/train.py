@@ -111,6 +111,12 @@ class Trainer:
         except Interrupted:
             self.end_tracking("KILLED", {"status_reason": "interrupted by a signal; checkpoint written"})
             raise
+        except (SystemExit, KeyboardInterrupt):
+            # Our owner is shutting us down (Ray stopping a trial, Ctrl-C): keep the points, leave the run's
+            # status to the owner; an unmarked RUNNING run is resumed by the next sweep.
+            if self.tracker:
+                self.tracker.flush()
+            raise
         except BaseException as err:
             self.end_tracking("FAILED", {"status_reason": f"{type(err).__name__}: {err}"[:5000]})
             raise
@@ -250,12 +256,12 @@ class Trainer:
     # -- the end ------------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         metrics = self.evaluate_all()
-        final = {"test_error": metrics["test_error"], "test_loss": metrics["test_loss"]}
+        epoch = math.ceil(self.iteration / len(self.train_loader))
+        final = {**metrics, "epoch": epoch}
         if "val_error" in metrics:
             final["best_val_error"] = self.best_val_error
-            final["val_error"] = metrics["val_error"]
-        self.log_eval(metrics, math.ceil(self.iteration / len(self.train_loader)))
-        self.log(final)
+            self.log({"best_val_error": self.best_val_error})
+        self.log_eval(metrics, epoch)
         self.save_checkpoint()
         if self.tracker:
             self.log_artifacts()

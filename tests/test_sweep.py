@@ -1,0 +1,174 @@
+"""`orchestrate sweep` on the default backend (a real local Ray, a real MLflow store): it finishes, resumes
+without duplicates after the orchestrator is killed, stops trials early with ASHA, dry-runs without side
+effects, and refuses malformed specs with one line naming the key."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from orchestrator.cli import main as orchestrate
+
+from conftest import REPO
+
+BIN = Path(sys.executable).parent
+
+
+def smoke_spec(tmp_path: Path, name: str = "smoke", **changes) -> Path:
+    spec = yaml.safe_load((REPO / "sweeps" / f"{name}.yaml").read_text())
+    spec.pop("cluster", None)
+    spec.update(changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def sweep(tmp_path: Path, spec: Path, *args: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db", "PYTHONUNBUFFERED": "1",
+           "ORCHESTRATE_RAY_OBJECT_STORE": str(100 * 2**20)}
+    return subprocess.Popen([BIN / "orchestrate", "sweep", spec, *args], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    output, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, output[-4000:]
+    return output
+
+
+def trial_runs(tmp_path: Path, experiment: str) -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id], "tags.kind = 'trial'")
+
+
+def test_smoke_sweep_finishes_and_a_rerun_starts_nothing(tmp_path):
+    spec = smoke_spec(tmp_path)
+    output = finish(sweep(tmp_path, spec))
+    runs = trial_runs(tmp_path, "smoke")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs), output[-2000:]
+    assert all("test_error" in r.data.metrics and r.data.tags["sweep"] == "smoke" for r in runs)
+    assert len({r.data.tags["trial_key"] for r in runs}) == 4
+    again = finish(sweep(tmp_path, spec))
+    assert "4 skipped" in again and "running" not in again
+    assert len(trial_runs(tmp_path, "smoke")) == 4
+
+
+def test_killed_orchestrator_then_rerun_finishes_only_the_missing_trials(tmp_path):
+    spec = smoke_spec(tmp_path, base={**yaml.safe_load(smoke_spec(tmp_path).read_text())["base"],
+                                      "schedule": {"total": 60, "milestones": [40]}})
+    proc = sweep(tmp_path, spec, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not any(r.info.status == "FINISHED" for r in trial_runs(tmp_path, "smoke")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and everything it started, mid-sweep
+    proc.wait()
+    before = {r.data.tags["trial_key"]: r.info.status for r in trial_runs(tmp_path, "smoke")}
+    assert 1 <= list(before.values()).count("FINISHED") < 4, before
+    output = finish(sweep(tmp_path, spec))
+    runs = trial_runs(tmp_path, "smoke")
+    keys = Counter(r.data.tags["trial_key"] for r in runs)
+    assert len(keys) == 4 and set(keys.values()) == {1}, keys  # none lost, none twice
+    assert all(r.info.status == "FINISHED" for r in runs)
+    finished_before = [k for k, s in before.items() if s == "FINISHED"]
+    assert f"{len(finished_before)} skipped" in output  # finished trials were not run again
+    for r in runs:  # a resumed trial continued its own run: each logged step once
+        steps = [m.step for m in MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_metric_history(
+            r.info.run_id, "train_loss")]
+        assert steps == sorted(set(steps)) and steps[-1] == 60
+
+
+def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path):
+    output = finish(sweep(tmp_path, smoke_spec(tmp_path, "smoke_lr")))
+    runs = trial_runs(tmp_path, "smoke_lr")
+    assert len(runs) == 4
+    stopped = [r for r in runs if r.data.tags.get("early_stopped") == "true"]
+    assert stopped, output[-3000:]
+    for r in stopped:
+        assert r.info.status == "KILLED"
+        assert r.data.tags["status_reason"].startswith("stopped early by ASHA at epoch")
+        assert r.data.metrics["epoch"] < 5
+    assert "stopped" in output
+
+
+def test_dry_run_prints_trials_commands_and_gpu_hours_and_changes_nothing(tmp_path, capsys):
+    spec = smoke_spec(tmp_path)
+    assert orchestrate(["sweep", str(spec), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\ntrial ") == 4 and "resnet_core.train" in out
+    assert "estimated GPU-hours" in out and "nothing submitted" in out
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_dry_run_of_the_paper_depth_sweep_estimates_gpu_hours(capsys):
+    assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run",
+                        "--tracking-uri", "sqlite:////nonexistent/dir/m.db"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\ntrial ") == 30  # 10 nets x 3 seeds
+    hours = float(out.split("estimated GPU-hours: ")[1].split()[0])
+    assert 0.5 < hours < 20  # ~27 min for the five ResNets with CUDA graphs (gpu.md), x3 seeds, + plain nets
+
+
+BASE = {"model": {"name": "resnet_cifar", "depth": 8}, "data": {"path": "synthetic"},
+        "schedule": {"total": 10, "milestones": [5]}}
+MALFORMED = [
+    ({"name": "x", "nmae": "y"}, "nmae: unknown key"),
+    ({"name": "x", "num_samples": "many"}, "num_samples: Input should be a valid integer"),
+    ({"name": "x", "space": {"optim.lr": []}}, "space.optim.lr: an empty grid"),
+    ({"name": "x", "space": {"model.name": ["resnet21"]}}, "model.name: unknown model 'resnet21'"),
+    ({"name": "x", "space": {"model.depth": [20, 21]}}, "model.depth: depth 21 is not 6n+2"),
+    ({"name": "x", "backend": "slurm", "resources": {"gpus": 0.5, "nodes": 2}}, "cannot span 2 nodes"),
+    ({"name": "x", "backend": "kubernetes"}, "backend: unknown backend 'kubernetes'"),
+    ({"name": "x", "base": {**BASE, "data": {"path": "/no/such/data"}}}, "base.data.path: data.path: /no/such/data"),
+    ({"name": "x", "base": {**BASE, "optim": {"lrr": 0.1}}}, "optim.lrr: unknown key"),
+    ({"name": "x", "space": {"optim.lrr": [0.1]}}, "optim.lrr: unknown key"),
+    ({"name": "x", "space": {"optim.lr": {"normal": [0, 1]}}}, "space.optim.lr: unknown distribution 'normal'"),
+    ({"name": "x", "space": {"optim.lr": {"loguniform": [0.5, 0.01]}}}, "space.optim.lr.loguniform"),
+    ({"name": "x", "resources": {"time_limit": "2 hours"}}, "resources.time_limit"),
+    ({"name": "x", "space": {"seed": [0, 1]}, "scheduler": {"asha": {"mode": "best"}}}, "scheduler.asha.mode"),
+    ({"name": "x", "scheduler": {"hyperband": {}}}, "scheduler.hyperband: unknown key"),
+    ({"name": "x", "cluster": "nowhere.yaml"}, "cluster: profile 'nowhere.yaml' not found"),
+    ({"base": BASE}, "name: Field required"),
+    ({"name": "a/b"}, "name: Value error, 'a/b'"),
+    ({"name": "x", "max_concurrent": 0}, "max_concurrent: Input should be greater than or equal to 1"),
+    ({"name": "x", "resources": {"nodes": 2}}, "resources.nodes: multi-node trials run on the slurm backend"),
+    ({"name": "x", "resources": {"gpus": 1.5}}, "resources.gpus"),
+    ({"name": "x", "space": {"batch_size": ["abc"]}}, "batch_size: Input should be a valid integer"),
+    ({"name": "x", "space": {"seed": [0, 1]}, "scheduler": {"asha": {"metric": "val_error"}}},
+     "scheduler.asha.metric: val_error needs a validation split"),
+]
+
+
+@pytest.mark.parametrize("spec,message", MALFORMED, ids=[m for _, m in MALFORMED])
+def test_malformed_spec_is_one_line_naming_the_key_and_nothing_happens(tmp_path, capsys, monkeypatch, spec, message):
+    monkeypatch.chdir(tmp_path)
+    spec = {"base": BASE, **spec}
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    assert orchestrate(["sweep", str(path), "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message.replace("Value error, ", "") in err, err
+    assert not (tmp_path / "m.db").exists() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("text,message", [("name: [unclosed", "not valid YAML"), ("- a\n- b\n", "top level must be")])
+def test_spec_that_is_not_a_mapping_is_refused(tmp_path, capsys, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert orchestrate(["sweep", str(path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_spec_file_is_named(tmp_path, capsys):
+    assert orchestrate(["sweep", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "sweep spec not found" in err and "nope.yaml" in err
