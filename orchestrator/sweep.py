@@ -21,12 +21,15 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def prepare(spec_path: str, **overrides) -> tuple[SweepContext, list[Trial]]:
+def prepare(spec_path: str, address: str | None = None, **overrides) -> tuple[SweepContext, list[Trial]]:
+    """``address``: an existing Ray cluster (``ray start --head`` prints it; ``auto`` finds a local one)."""
     spec, path = load_spec(spec_path, overrides)
     ctx = SweepContext(spec=spec, spec_path=path,
                        output=Path(spec.output or Path("runs") / "sweeps" / spec.name).resolve(),
                        tracking_uri=absolute_uri(tracking_uri(spec.tracking_uri)),
                        cluster=load_cluster_profile(spec, path))
+    if address:
+        ctx.cluster.setdefault("ray", {})["address"] = address
     return ctx, expand(ctx)
 
 
@@ -59,6 +62,7 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
 
 
 def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False, live: bool | None = None) -> dict:
+    backend = get_backend(ctx.spec.backend)(ctx)  # refuses what it cannot run before anything is logged
     ledger = Ledger(ctx.tracking_uri, ctx.spec.name)
     plan = ledger.plan(trials, retry_failed)
     skipped = {k: r for k, r in plan.reason.items() if k not in {t.key for t in plan.to_run}}
@@ -66,5 +70,5 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
     progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
     with progress:
         if plan.to_run:
-            get_backend(ctx.spec.backend)(ctx).run(plan.to_run, progress)
+            backend.run(plan.to_run, progress)
     return {"started": len(plan.to_run), "skipped": len(skipped), **progress.counts()}

@@ -44,6 +44,17 @@ def child_command(launcher: str, config_path: str, workers: int) -> list[str]:
     return launch.torchrun_command(config_path, nproc_per_node=workers, torchrun=str(bin_dir / "torchrun"))
 
 
+def asha_scheduler(spec):
+    """Ray Tune's ASHA over epochs (the time the worker reports), or None when the spec asks for none."""
+    asha = spec.scheduler.asha
+    if asha is None:
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+    max_t = asha.max_t or 10**6  # default: a trial's own length ends it
+    return ASHAScheduler(time_attr="epoch", metric=asha.metric, mode=asha.mode, max_t=max_t,
+                         grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
+
+
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable: one trial. Reports after every evaluation; the last report says how it ended."""
     trial = config["trial"]
@@ -120,7 +131,7 @@ class RayTuneBackend:
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": self.spec.resources.cpus, "gpu": self.spec.resources.gpus}),
                 param_space={"trial": tune.grid_search([self.trial_payload(t) for t in trials])},
-                tune_config=tune.TuneConfig(scheduler=self.scheduler(), max_concurrent_trials=self.spec.max_concurrent,
+                tune_config=tune.TuneConfig(scheduler=asha_scheduler(self.spec), max_concurrent_trials=self.spec.max_concurrent,
                                             trial_name_creator=lambda t: t.config["trial"]["key"],
                                             trial_dirname_creator=lambda t: t.config["trial"]["key"]),
                 run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -135,15 +146,6 @@ class RayTuneBackend:
         cfg = trial.config_dict()
         return {"key": trial.key, "label": trial.label, "config": cfg, "cpus": self.spec.resources.cpus,
                 "launcher": uses_launcher(self.spec, cfg), "workers": self.spec.resources.workers_per_node}
-
-    def scheduler(self):
-        asha = self.spec.scheduler.asha
-        if asha is None:
-            return None
-        from ray.tune.schedulers import ASHAScheduler
-        max_t = asha.max_t or 10**6  # default: a trial's own length ends it
-        return ASHAScheduler(time_attr="epoch", metric=asha.metric, mode=asha.mode, max_t=max_t,
-                             grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
 
     def start_ray(self) -> None:
         import ray
@@ -182,12 +184,12 @@ class EventsCallback(tune.Callback):
         key = trial.config["trial"]["key"]
         if "trial_status" in last:
             state = "finished" if last["trial_status"] == "FINISHED" else "failed"
-            self.events.update(key, state, **_final(last))
+            self.events.update(key, state, **final_metrics(last))
             return
         reason = early_stop_reason(self.ctx, last)
         if last.get("run_id"):
             Ledger(self.ctx.tracking_uri, self.ctx.spec.name).mark_early_stopped(last["run_id"], reason)
-        self.events.update(key, "stopped", reason=reason, **_final(last))
+        self.events.update(key, "stopped", reason=reason, **final_metrics(last))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.events.update(trial.config["trial"]["key"], "failed", reason="error in the trial (see its log)")
@@ -201,5 +203,5 @@ def early_stop_reason(ctx: SweepContext, last: dict) -> str:
     return f"stopped early by ASHA at epoch {last.get('epoch')} ({metric} {shown})"
 
 
-def _final(last: dict) -> dict:
+def final_metrics(last: dict) -> dict:
     return {k: last[k] for k in ("epoch", "val_error", "test_error") if k in last}

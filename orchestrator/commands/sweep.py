@@ -7,6 +7,7 @@ import argparse
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="sweep YAML (see sweeps/)")
     p.add_argument("--backend", choices=["ray", "slurm"], help="override the spec's backend")
+    p.add_argument("--address", help="an existing Ray cluster to run on (e.g. auto, or HOST:6379); default: a local Ray")
     p.add_argument("--dry-run", action="store_true", help="print trials, commands and GPU-hours; submit nothing")
     p.add_argument("--retry-failed", action="store_true", help="run FAILED trials again (they resume their run)")
     p.add_argument("--tracking-uri", help="MLflow store (default: spec, $MLFLOW_TRACKING_URI, sqlite:///mlruns.db)")
@@ -16,7 +17,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.sweep import dry_run, prepare, run_sweep
-    ctx, trials = prepare(args.spec, backend=args.backend, tracking_uri=args.tracking_uri, output=args.output,
+    ctx, trials = prepare(args.spec, address=args.address, backend=args.backend, tracking_uri=args.tracking_uri, output=args.output,
                           max_concurrent=args.max_concurrent)
     if args.dry_run:
         print(dry_run(ctx, trials))

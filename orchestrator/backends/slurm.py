@@ -1,0 +1,464 @@
+"""The SLURM backend: one SLURM job per trial through submitit's ``SlurmExecutor`` (a job array for a plain grid).
+
+- Where: ``ctx.output/slurm/<submission id>``, a fresh folder per run of the sweep (submitit returns an old job's
+  result from a reused folder once SLURM's job ids restart).
+- What: ``sbatch_parameters`` turns the spec's resources and the cluster profile (``slurm:`` in cluster/*.yaml)
+  into submitit's parameters; submitit renders the sbatch script (every value shell-quoted) and ``describe``
+  renders the very same script for ``--dry-run``. A trial is nodes x workers_per_node SLURM tasks, one per rank;
+  each runs ``slurm_job.SlurmTrial`` (see there for the rendezvous and the two preemption paths).
+- GPUs are whole per node: a SLURM job cannot hold a quarter of a GPU (sharing one needs site-specific MPS/shard
+  GRES), so fractional ``resources.gpus`` is refused on this backend with a one-line error; pack on Ray instead.
+- Early stopping (ASHA): Ray Tune runs on the submitting machine as the decider only. Each Tune trial is a tiny
+  relay that submits the trial's SLURM job and relays the worker's reports (a JSON-lines file on the shared
+  filesystem) with ``tune.report``; when ASHA stops a trial, the driver cancels its job (scancel) and, once the
+  worker has let go of the run, marks the MLflow run stopped with the reason.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from ..ledger import Ledger
+from ..spec import SpecError
+from ..trials import SweepContext, Trial
+from .base import Events
+from .slurm_job import SlurmTrial
+
+# The cluster profile's `slurm:` keys (unknown keys are an error naming the valid ones).
+PROFILE_KEYS = {
+    "partition": "partition to submit to", "account": "account to charge", "qos": "quality of service",
+    "constraint": "node features (--constraint)", "exclude": "nodes to avoid", "gpu_type": "GRES type: gpu:TYPE:N",
+    "setup": "shell lines run in the batch script before srun (module load, venv activation, exports)",
+    "srun_args": "extra srun arguments", "sbatch": "any other sbatch option: {option: value}",
+    "signal_delay_s": "seconds before the time limit at which submitit's USR2 asks for checkpoint + requeue",
+    "max_num_timeout": "how many times a timed-out trial is requeued", "python": "python command on the nodes",
+    "master_addr": "rendezvous host (default: the first node of the allocation)",
+    "poll_s": "seconds between job-state polls",
+}
+FINAL_STATES = ("finished", "failed", "stopped")
+RESULT_KEYS = ("epoch", "val_error", "test_error", "best_val_error", "iteration")
+
+
+def time_minutes(limit: str) -> int:
+    """[D-]HH:MM:SS -> whole minutes (submitit's `time`; it also counts timeouts with it)."""
+    days, _, hms = limit.rpartition("-")
+    h, m, s = (int(x) for x in hms.split(":"))
+    return max(1, math.ceil((int(days or 0) * 86400 + h * 3600 + m * 60 + s) / 60))
+
+
+def safe_name(text: str) -> str:
+    """SLURM mangles quotes in job names; keep names readable in squeue/sacct and free of shell meaning."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "sweep"
+
+
+def memory(gb: float) -> str:
+    return f"{int(gb)}G" if gb == int(gb) else f"{math.ceil(gb * 1024)}M"
+
+
+def slurm_profile(ctx: SweepContext) -> dict[str, Any]:
+    profile = dict(ctx.cluster.get("slurm") or {})
+    unknown = sorted(set(profile) - set(PROFILE_KEYS))
+    if unknown:
+        raise SpecError(f"cluster profile: slurm.{unknown[0]}: unknown key; valid: {', '.join(PROFILE_KEYS)}")
+    for key in ("setup", "srun_args"):
+        if not isinstance(profile.get(key, []), list) or not all(isinstance(x, str) for x in profile.get(key, [])):
+            raise SpecError(f"cluster profile: slurm.{key}: expected a list of strings")
+    if not isinstance(profile.get("sbatch", {}), dict):
+        raise SpecError("cluster profile: slurm.sbatch: expected a mapping {option: value}")
+    return profile
+
+
+def check_folder(folder: Path) -> None:
+    """#SBATCH directives are one line each and SLURM expands %-patterns in --output: refuse both early."""
+    text = str(folder)
+    if "\n" in text or "\r" in text:
+        raise SpecError(f"output: {text!r}: a SLURM job's folder cannot contain a newline (#SBATCH lines are one line)")
+    if "%" in text:
+        raise SpecError(f"output: {text!r}: a SLURM job's folder cannot contain '%' (SLURM expands %-patterns)")
+
+
+def sbatch_parameters(ctx: SweepContext, job_name: str) -> dict[str, Any]:
+    """submitit SlurmExecutor parameters of one trial's job, from the spec's resources and the cluster profile."""
+    r, profile = ctx.spec.resources, slurm_profile(ctx)
+    if r.gpus != int(r.gpus):
+        raise SpecError(f"{ctx.spec_path}: resources.gpus: {r.gpus} — a SLURM job holds whole GPUs; fractional GPUs "
+                        "pack trials on the ray backend (use gpus: 1, or --backend ray)")
+    if ctx.spec.launcher in ("torchrun", "deepspeed"):  # no silent fallback to SLURM's own launch
+        raise SpecError(f"{ctx.spec_path}: launcher: {ctx.spec.launcher} is not used on the slurm backend: srun starts "
+                        "one task per rank that calls train() (DeepSpeed too); use launcher: auto")
+    workers = r.workers_per_node
+    params: dict[str, Any] = {
+        "job_name": job_name, "time": time_minutes(r.time_limit), "nodes": r.nodes,
+        "ntasks_per_node": workers, "cpus_per_task": max(1, math.ceil(r.cpus / workers)),
+        "signal_delay_s": int(profile.get("signal_delay_s", 90)),
+        "additional_parameters": {"requeue": True, **profile.get("sbatch", {})},
+    }
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if profile.get(key):
+            params[key] = str(profile[key])
+    if r.gpus:
+        if profile.get("gpu_type"):
+            params["gres"] = f"gpu:{profile['gpu_type']}:{int(r.gpus)}"
+        else:
+            params["gpus_per_node"] = int(r.gpus)
+    if r.memory_gb:
+        params["mem"] = memory(r.memory_gb)
+    if profile.get("setup"):
+        params["setup"] = list(profile["setup"])
+    if profile.get("srun_args"):
+        params["srun_args"] = list(profile["srun_args"])
+    return params
+
+
+class SlurmBackend:
+    name = "slurm"
+
+    def __init__(self, ctx: SweepContext):
+        self.ctx, self.spec = ctx, ctx.spec
+        self.profile = slurm_profile(ctx)
+        # sortable and fresh: a new folder per run of the sweep
+        self.submission_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.python = self.profile.get("python") or shlex.quote(sys.executable)
+        self.poll_s = float(self.profile.get("poll_s", 2.0))
+        check_folder(self.folder)
+        sbatch_parameters(ctx, "check")  # refuse what SLURM cannot run before anything is submitted or logged
+        self._dry_plan: list[str] | None = None
+
+    # -- what is submitted ----------------------------------------------------------------------------------
+    @property
+    def folder(self) -> Path:
+        return self.ctx.output / "slurm" / self.submission_id
+
+    @property
+    def use_array(self) -> bool:
+        return self.spec.scheduler.asha is None
+
+    def job_name(self, trial: Trial | None) -> str:
+        return f"{safe_name(self.spec.name)}-{trial.key[:8] if trial else 'grid'}"
+
+    def parameters(self, trial: Trial | None, array_size: int = 1) -> dict[str, Any]:
+        params = sbatch_parameters(self.ctx, self.job_name(trial if array_size == 1 else None))
+        if array_size > 1:
+            params["array_parallelism"] = self.spec.max_concurrent or array_size
+        return params
+
+    def payload(self, trial: Trial) -> SlurmTrial:
+        return SlurmTrial(key=trial.key, config=trial.config_dict(), report_file=str(self.report_file(trial.key)),
+                          master_addr=self.profile.get("master_addr"),
+                          cpus=max(1, math.ceil(self.spec.resources.cpus / self.spec.resources.workers_per_node)))
+
+    def report_file(self, key: str) -> Path:
+        return self.ctx.output / "reports" / f"{key}.jsonl"
+
+    def command(self) -> str:
+        """What srun starts on every task (as SlurmExecutor._submitit_command_str)."""
+        return " ".join([self.python, "-u -m submitit.core._submit", shlex.quote(str(self.folder))])
+
+    def script(self, trial: Trial | None, array_size: int = 1) -> str:
+        """The sbatch script submitit writes for this job (SlurmExecutor._make_submission_file_text)."""
+        from submitit.slurm.slurm import _make_sbatch_string
+        params = self.parameters(trial, array_size)
+        if array_size > 1:
+            params["map_count"] = array_size
+        return _make_sbatch_string(command=self.command(), folder=self.folder, **params)
+
+    def describe(self, trial: Trial) -> str:
+        r = self.spec.resources
+        ranks = r.nodes * r.workers_per_node
+        head = (f"SLURM job: {r.nodes} node(s) x {r.workers_per_node} task(s), one rank per task "
+                f"(world size {ranks}); each task runs orchestrator.backends.slurm_job.SlurmTrial -> "
+                "resnet_core.train.train(<trial config>)")
+        if self.use_array:
+            todo = self.trials_to_run()
+            if trial.key in todo and len(todo) > 1:
+                index = todo.index(trial.key)
+                where = f"{head}; array task {index} of {len(todo)}, SLURM_ARRAY_TASK_ID={index}"
+                if index:
+                    return f"{where} (the grid's one sbatch script is printed with array task 0)"
+                return "\n".join([f"{where}; the grid's one sbatch script:", self.script(None, len(todo))])
+        return "\n".join([f"{head}:", self.script(trial)])
+
+    def trials_to_run(self) -> list[str]:
+        """Keys a run would submit now (for the array size a dry run shows): the plan of the sweep's record."""
+        if self._dry_plan is None:
+            from ..sweep import store_exists
+            from ..trials import expand
+            trials = expand(self.ctx)
+            if store_exists(self.ctx.tracking_uri):
+                trials = Ledger(self.ctx.tracking_uri, self.spec.name, create=False).plan(trials).to_run
+            self._dry_plan = [t.key for t in trials]
+        return self._dry_plan
+
+    def executor(self, parameters: dict[str, Any]):
+        return make_executor(str(self.folder), parameters, self.python, int(self.profile.get("max_num_timeout", 3)))
+
+    # -- running ----------------------------------------------------------------------------------------------
+    def run(self, trials: list[Trial], events: Events) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for trial in trials:
+            fresh_report_file(self.report_file(trial.key))
+        if self.spec.scheduler.asha is not None:
+            return self.run_asha(trials, events)
+        payloads = [self.payload(t) for t in trials]
+        if len(trials) > 1:
+            jobs = self.executor(self.parameters(None, len(trials))).submit_array(payloads)
+        else:
+            jobs = [self.executor(self.parameters(trials[0])).submit(payloads[0])]
+        watch = {t.key: (job, ReportTail(self.report_file(t.key))) for t, job in zip(trials, jobs)}
+        try:
+            self.monitor(watch, events)
+        except BaseException:
+            # The orchestrator owns its jobs: interrupted (Ctrl-C), it cancels them; the workers checkpoint on
+            # SIGTERM, and the next run resumes them. Left running, a re-run would start a second job per trial.
+            for job, _ in watch.values():
+                cancel(job.job_id)
+            raise
+
+    def monitor(self, watch: dict[str, tuple[Any, "ReportTail"]], events: Events) -> None:
+        from submitit.slurm.slurm import SlurmJob
+        shown: dict[str, tuple] = {}
+        while watch:
+            SlurmJob.watcher.update()  # one sacct for every job (submitit's own backoff grows to 10 minutes)
+            for key, (job, tail) in list(watch.items()):
+                latest = tail.latest()
+                if job_over(job):
+                    state, info = outcome(job, latest)
+                    events.update(key, state, **info)
+                    del watch[key]
+                    continue
+                state = SlurmJob.watcher.get_state(job.job_id, mode="cache")
+                view = (state, latest.get("epoch"))
+                if state == "RUNNING" and shown.get(key) != view:
+                    events.update(key, "running", slurm_job_id=job.job_id, **pick(latest, RESULT_KEYS))
+                shown[key] = view
+            if watch:
+                time.sleep(self.poll_s)
+
+    # -- early stopping: Ray Tune decides, SLURM runs ---------------------------------------------------------
+    def run_asha(self, trials: list[Trial], events: Events) -> None:
+        import ray
+        from ray import tune
+        from .ray_tune import asha_scheduler
+        os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        payloads = [{"key": t.key, "trial": self.payload(t), "folder": str(self.folder),
+                     "parameters": self.parameters(t), "python": self.python, "poll_s": self.poll_s,
+                     "max_num_timeout": int(self.profile.get("max_num_timeout", 3))} for t in trials]
+        callback = events_callback_class()(events, self.ctx)
+        # The relays only wait on files and sacct: a sliver of a CPU each, so max_concurrent of them fit.
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
+        try:
+            tuner = tune.Tuner(
+                tune.with_resources(relay_trial, {"cpu": 0.05}),
+                param_space={"trial": tune.grid_search(payloads)},
+                tune_config=tune.TuneConfig(scheduler=asha_scheduler(self.spec),
+                                            max_concurrent_trials=self.spec.max_concurrent,
+                                            trial_name_creator=lambda t: t.config["trial"]["key"],
+                                            trial_dirname_creator=lambda t: t.config["trial"]["key"]),
+                run_config=tune.RunConfig(name=f"tune-{self.submission_id}",
+                                          storage_path=str((self.ctx.output / "ray").resolve()), verbose=0,
+                                          callbacks=[callback]))
+            tuner.fit()
+        finally:
+            callback.join()
+            ray.shutdown()
+
+
+def make_executor(folder: str, parameters: dict[str, Any], python: str, max_num_timeout: int):
+    from submitit import SlurmExecutor
+    executor = SlurmExecutor(folder=folder, max_num_timeout=max_num_timeout, python=python)
+    executor.update_parameters(**parameters)
+    return executor
+
+
+def fresh_report_file(path: Path) -> None:
+    """A new attempt of a trial reports afresh; the previous attempt's lines are kept next to it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.replace(path.with_suffix(".previous.jsonl"))
+
+
+class ReportTail:
+    """New JSON lines of a worker's report file (rank 0 appends; a requeued worker appends again)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.last = Path(path), 0, {}
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path) as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk[:chunk.rfind("\n") + 1]  # a line still being written waits for the next read
+        self.offset += len(complete.encode())
+        records = [json.loads(line) for line in complete.splitlines() if line.strip()]
+        if records:
+            self.last = records[-1]
+        return records
+
+    def latest(self) -> dict[str, Any]:
+        self.read()
+        return self.last
+
+
+def pick(record: dict[str, Any], keys) -> dict[str, Any]:
+    return {k: record[k] for k in keys if isinstance(record.get(k), (int, float))}
+
+
+def tasks_of(job) -> list:
+    return [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
+
+
+def job_over(job) -> bool:
+    """Every task left its result, or SLURM says the job ended and it is not coming back (a requeued job reads
+    REQUEUED/PENDING, or for a moment a terminal state in sacct while squeue still holds it)."""
+    if all(t.paths.result_pickle.exists() for t in tasks_of(job)):
+        return True
+    if not job.watcher.is_done(job.job_id, mode="cache"):
+        return False
+    queued = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True, text=True,
+                            timeout=60).stdout.split()
+    return not any(s in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD",
+                         "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT") for s in queued)
+
+
+def outcome(job, latest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(state, info) of a job that is over, from rank 0's result (or why there is none)."""
+    try:
+        result = job.results()[0]
+    except Exception as err:  # submitit's FailedJobError (with the trace) / UncompletedJobError (with the state)
+        lines = [line for line in str(err).splitlines() if line.strip()]
+        reason = next((line for line in reversed(lines) if "Error" in line), lines[0] if lines else repr(err))
+        return "failed", {"reason": f"job {job.job_id} ({job.state}): {reason.strip()[:300]}",
+                          **pick(latest, RESULT_KEYS)}
+    state = "finished" if result.get("status") == "FINISHED" else "failed"
+    info = pick(result, RESULT_KEYS)
+    if state == "failed":
+        info["reason"] = result.get("reason", "")
+    return state, info
+
+
+def cancel(job_id: str) -> None:
+    subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=60)
+
+
+def wait_gone(job_id: str, timeout: float = 120.0) -> None:
+    """Until the controller no longer lists the job (its tasks have exited)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
+                             timeout=60).stdout.split()
+        if not out or all(s in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT") for s in out):
+            return
+        time.sleep(1.0)
+
+
+def relay_trial(config: dict[str, Any]) -> None:
+    """A Tune trial of the ASHA path, on the submitting machine: submit the trial's SLURM job, relay the worker's
+    reports to Tune (each epoch once, also after a requeue), end with the worker's final result."""
+    from ray import tune
+    p = config["trial"]
+    trial: SlurmTrial = p["trial"]
+    tail = ReportTail(Path(trial.report_file))
+    job = make_executor(p["folder"], p["parameters"], p["python"], p["max_num_timeout"]).submit(trial)
+    last_epoch, final, polled = 0, None, 0.0
+    while final is None:
+        for record in tail.read():
+            if "status" in record:
+                final = record
+            elif record.get("epoch", 0) > last_epoch:
+                last_epoch = record["epoch"]
+                tune.report({**pick(record, RESULT_KEYS + ("val_loss", "test_loss")), "slurm_job_id": job.job_id,
+                             "run_id": record.get("run_id"), "trial_key": p["key"]})
+        if final is None and time.monotonic() - polled > p["poll_s"]:
+            polled = time.monotonic()
+            job.get_info(mode="force")
+            if job_over(job):
+                state, info = outcome(job, tail.latest())
+                final = {"status": "FINISHED" if state == "finished" else "FAILED", **info}
+                if state == "failed" and "reason" in info and not tail.latest().get("status"):
+                    raise RuntimeError(info["reason"])
+        if final is None:
+            time.sleep(0.5)
+    tune.report({"trial_status": final["status"], "trial_key": p["key"], "run_id": final.get("run_id"),
+                 "slurm_job_id": job.job_id, **pick(final, RESULT_KEYS + ("test_loss",)),
+                 **_metric_placeholder(final)})
+
+
+def _metric_placeholder(final: dict[str, Any]) -> dict[str, float]:
+    """Tune checks that every result carries the scheduler's metric; a failed trial's final result may not."""
+    return {k: math.nan for k in ("val_error", "test_error") if not isinstance(final.get(k), (int, float))}
+
+
+def cancel_then_mark(job_id: str, run_id: str | None, reason: str, ctx: SweepContext) -> None:
+    """scancel, wait until the worker has let go of its run (it checkpoints and ends it as KILLED on SIGTERM),
+    then record the early stop: tags early_stopped/status_reason, never resumed by a re-run."""
+    cancel(job_id)
+    wait_gone(job_id)
+    if run_id:
+        Ledger(ctx.tracking_uri, ctx.spec.name).mark_early_stopped(run_id, reason)
+
+
+def events_callback_class():
+    """SlurmEventsCallback, made on first use (Ray is imported only by ASHA sweeps) and published as a module
+    attribute under its own name, so Tune can pickle it with the experiment state."""
+    if "SlurmEventsCallback" in globals():
+        return globals()["SlurmEventsCallback"]
+    from .ray_tune import EventsCallback, early_stop_reason, final_metrics
+
+    class SlurmEventsCallback(EventsCallback):
+        """Tune's events -> the view; an ASHA stop -> scancel of the trial's job and the run marked stopped."""
+
+        def __init__(self, events: Events, ctx: SweepContext):
+            super().__init__(events, ctx)
+            self.stoppers: list[threading.Thread] = []
+
+        def __getstate__(self):
+            return {**super().__getstate__(), "stoppers": []}
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            last = trial.last_result or {}
+            if "trial_status" in last or not last.get("slurm_job_id"):
+                return super().on_trial_complete(iteration, trials, trial, **info)
+            reason = early_stop_reason(self.ctx, last)
+            thread = threading.Thread(target=cancel_then_mark, daemon=True,
+                                      args=(last["slurm_job_id"], last.get("run_id"), reason, self.ctx))
+            thread.start()
+            self.stoppers.append(thread)
+            self.events.update(trial.config["trial"]["key"], "stopped", reason=reason,
+                               slurm_job_id=last["slurm_job_id"], **final_metrics(last))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            job_id = (trial.last_result or {}).get("slurm_job_id")
+            if job_id:
+                cancel(job_id)
+            super().on_trial_error(iteration, trials, trial, **info)
+
+        def join(self) -> None:
+            for thread in self.stoppers:
+                thread.join(timeout=180)
+
+    SlurmEventsCallback.__qualname__ = "SlurmEventsCallback"
+    globals()["SlurmEventsCallback"] = SlurmEventsCallback
+    return SlurmEventsCallback
+
+
+def __getattr__(name: str):
+    if name == "SlurmEventsCallback":  # unpickling a Tune experiment state
+        return events_callback_class()
+    raise AttributeError(name)
+
+
