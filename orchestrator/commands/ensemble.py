@@ -1,0 +1,70 @@
+"""`orchestrate ensemble --top K`: combine a sweep's K best finished trials and log what the ensemble is worth
+(paper Sec. 4.1: six ResNets of different depth made the ILSVRC 2015 entry). See orchestrator/ensemble.py."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from orchestrator.runs import add_store_arguments
+
+DEFAULT_CACHE = Path("runs") / "predictions"
+
+
+def add_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--top", type=int, required=True, metavar="K", help="members: the K best finished trials")
+    add_store_arguments(p)
+    p.add_argument("--metric", default="val_error",
+                   help="run metric that ranks the trials, lower is better (default: val_error)")
+    p.add_argument("--split", default="test", choices=("val", "test"), help="split the ensemble is measured on")
+    p.add_argument("--method", default="mean", choices=("mean", "weighted", "greedy"),
+                   help="mean: softmax average; weighted: by val accuracy; greedy: Caruana et al. 2004 "
+                        "forward selection with replacement on the val split")
+    p.add_argument("--rounds", type=int, default=None, help="greedy: selection rounds (default: 2K)")
+    p.add_argument("--skip-broken", action="store_true",
+                   help="leave out members whose checkpoint is missing or corrupt (default: error)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help=f"folder of cached member predictions (default: {DEFAULT_CACHE}/<sweep>)")
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when present")
+    p.add_argument("--no-log", action="store_true", help="do not record an MLflow run of kind 'ensemble'")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from rich.console import Console
+    from orchestrator.cli import UserError
+    from orchestrator.ensemble import build_ensemble, log_ensemble
+    from orchestrator.runs import open_client, sweep_experiment
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: this machine has no CUDA GPU")
+    if args.rounds is not None and args.rounds < 1:
+        raise UserError(f"--rounds {args.rounds}: must be at least 1")
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    console = Console()
+    client = open_client(args.tracking_uri)
+    experiment = sweep_experiment(client, args.sweep)
+    result = build_ensemble(client, experiment, top=args.top, metric=args.metric, split=args.split,
+                            method=args.method, cache_dir=args.cache or DEFAULT_CACHE / experiment.name,
+                            skip_broken=args.skip_broken, batch_size=args.batch_size, device=device,
+                            rounds=args.rounds, say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
+    console.print(result_table(result, experiment.name))
+    console.print(f"ensemble ({result.method}, {len(result.members)} members) {result.split} error "
+                  f"{100 * result.error:.2f}%; best member {100 * result.best_member_error:.2f}%; "
+                  f"gain {100 * result.gain:+.2f} points")
+    if not args.no_log:
+        run_id = log_ensemble(client, experiment, result)
+        console.print(f"logged MLflow run {run_id} (kind=ensemble) in experiment {experiment.name!r}")
+    return 0
+
+
+def result_table(result, sweep: str):
+    from rich.table import Table
+    table = Table(title=f"Ensemble of sweep {sweep!r}: {result.method}, {result.split} split, "
+                        f"members ranked by {result.metric}")
+    for column in ("run", "model", "depth", "shortcut", "seed", result.metric, "weight", f"{result.split} error"):
+        table.add_column(column, justify="left" if column in ("run", "model") else "right")
+    for m in result.members:
+        table.add_row(m.run_id[:12], m.model, str(m.depth), m.shortcut, m.seed, f"{m.selection_metric:.4f}",
+                      f"{m.weight:.3f}", f"{100 * m.error:.2f}%")
+    table.add_row("ensemble", "", "", "", "", "", "1.000", f"{100 * result.error:.2f}%", style="bold")
+    return table

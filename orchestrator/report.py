@@ -1,0 +1,228 @@
+"""A sweep as the paper shows its CIFAR-10 results (He et al. 2016, Sec. 4.2): Table 6 and Figure 6.
+
+- ``table6.md``: per depth, plain nets and ResNets side by side: model, layers, parameters, test error (%) as the
+  best of the seeds and mean ± std over them (the paper's "6.43 (6.61±0.16)" for ResNet-110, 5 runs). The
+  std is the sample std (n-1); "–" with one seed. ``table6.json`` holds the same numbers unrounded.
+- ``fig6_curves.png``: training error (dashed) and test error (solid) against iterations, plain nets left,
+  ResNets right, one curve per depth (the mean over seeds at each logged iteration), as in Fig. 6.
+- ``error_vs_depth.png``: test error against depth per family (mean ± std bars, best as crosses): the
+  degradation problem at a glance (plain nets get worse with depth, ResNets better).
+
+Only finished trials count (`orchestrator.runs.is_finished`); numbers are the runs' final MLflow metrics.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from orchestrator.cli import UserError
+from orchestrator.runs import BrokenRun, ModelInfo, finished_trials, metric_history, model_info, run_label
+
+FILES = ("table6.md", "table6.json", "fig6_curves.png", "error_vs_depth.png")
+
+
+@dataclass
+class Trial:
+    run_id: str
+    label: str
+    info: ModelInfo
+    seed: str
+    test_error: float
+
+    @property
+    def family(self) -> str:
+        return family_of(self.info)
+
+
+def family_of(info: ModelInfo) -> str:
+    """'plain', or 'ResNet' plus whatever differs from the paper's CIFAR default (option A, original unit)."""
+    if info.plain:
+        return "plain"
+    extras = [f"option {info.shortcut}"] if info.shortcut != "A" else []
+    extras += [info.unit] if info.unit != "original" else []
+    extras += ["bottleneck"] if info.bottleneck else []
+    return "ResNet" + (f" ({', '.join(extras)})" if extras else "")
+
+
+@dataclass
+class Cell:
+    """One model of Table 6: a family at one depth, over its seeds (errors as fractions, as logged)."""
+    family: str
+    depth: int
+    model: str
+    params: int | None
+    errors: list[float]
+    runs: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> float:
+        return min(self.errors)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.errors)
+
+    @property
+    def std(self) -> float | None:
+        return statistics.stdev(self.errors) if len(self.errors) > 1 else None
+
+
+# -- reading the sweep ------------------------------------------------------------------------------------
+def collect_trials(client, experiment) -> list[Trial]:
+    runs = [r for r in finished_trials(client, experiment.experiment_id) if "test_error" in r.data.metrics]
+    if not runs:
+        raise UserError(f"sweep {experiment.name!r} has no finished trial with a test_error metric yet")
+    return [Trial(r.info.run_id, run_label(r), model_info(r), r.data.params.get("seed", "?"),
+                  r.data.metrics["test_error"]) for r in runs]
+
+
+def build_cells(client, trials: list[Trial], say=print) -> list[Cell]:
+    groups: dict[tuple[str, int], list[Trial]] = defaultdict(list)
+    for t in trials:
+        groups[(t.family, t.info.depth)].append(t)
+    cells = []
+    for (family, depth), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "plain", kv[0][0])):
+        members.sort(key=lambda t: t.run_id)
+        cells.append(Cell(family, depth, f"{family}-{depth}", parameter_count(client, members, say),
+                          [t.test_error for t in members], [t.run_id for t in members]))
+    return cells
+
+
+def parameter_count(client, members: list[Trial], say=print) -> int | None:
+    """Parameters of the trained model, read from the first readable checkpoint of the group (the class count
+    comes from the data, so the model alone cannot tell)."""
+    from resnet_core.models import count_parameters
+    from orchestrator.runs import load_model
+    for t in members:
+        try:
+            return count_parameters(load_model(client, t.run_id))
+        except BrokenRun as err:
+            say(f"parameters: {err}; trying another seed")
+    say(f"parameters of {members[0].info.name} depth {members[0].info.depth}: no readable checkpoint, shown as ?")
+    return None
+
+
+# -- Table 6 ------------------------------------------------------------------------------------------------
+def families(cells: list[Cell]) -> list[str]:
+    """Column groups, plain first (the paper's left/right)."""
+    return sorted({c.family for c in cells}, key=lambda f: (f != "plain", f))
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def params_text(count: int | None) -> str:
+    return "?" if count is None else f"{count / 1e6:.2f}M"
+
+
+def cell_columns(cell: Cell | None) -> list[str]:
+    if cell is None:
+        return ["", "", "", "", ""]
+    spread = f"{percent(cell.mean)} ± {percent(cell.std)}" if cell.std is not None else f"{percent(cell.mean)} ± –"
+    return [cell.model, params_text(cell.params), percent(cell.best), spread, str(len(cell.errors))]
+
+
+def table6_markdown(cells: list[Cell], sweep: str) -> str:
+    names = families(cells)
+    by_key = {(c.family, c.depth): c for c in cells}
+    header = ["layers"] + [col for name in names
+                           for col in (name, "# params", "error (%) best", "error (%) mean ± std", "seeds")]
+    lines = [f"# Sweep `{sweep}`: classification error on the test set (Table 6 form)", "",
+             "Test error of the final models. Per family: the best of the seeds and the mean ± sample std over "
+             "them (He et al. 2016, Table 6: ResNet-110 \"6.43 (6.61±0.16)\" over 5 runs).", "",
+             "| " + " | ".join(header) + " |",
+             "|" + "|".join(["---:"] + ["---", "---:", "---:", "---:", "---:"] * len(names)) + "|"]
+    for depth in sorted({c.depth for c in cells}):
+        row = [str(depth)] + [col for name in names for col in cell_columns(by_key.get((name, depth)))]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def table6_json(cells: list[Cell], sweep: str) -> str:
+    rows = [{**asdict(c), "best": c.best, "mean": c.mean, "std": c.std} for c in cells]
+    return json.dumps({"sweep": sweep, "metric": "test_error", "rows": rows}, indent=2)
+
+
+# -- figures --------------------------------------------------------------------------------------------------
+def mean_curve(client, run_ids: list[str], key: str) -> tuple[list[int], list[float]]:
+    """The mean over seeds at every logged iteration (seeds of one config log at the same iterations)."""
+    points: dict[int, list[float]] = defaultdict(list)
+    for run_id in run_ids:
+        for step, value in metric_history(client, run_id, key):
+            points[step].append(value)
+    steps = sorted(points)
+    return steps, [100 * statistics.fmean(points[s]) for s in steps]
+
+
+def plot_curves(client, cells: list[Cell], path: Path, sweep: str) -> None:
+    """Fig. 6: dashed training error, solid test error; plain nets left, ResNets right; one colour per depth."""
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, residual in zip(axes, (False, True)):
+        side = [c for c in cells if (c.family != "plain") == residual]
+        for i, cell in enumerate(side):
+            colour = colours[i % len(colours)]
+            ax.plot(*mean_curve(client, cell.runs, "train_error"), linestyle="--", linewidth=1, color=colour)
+            ax.plot(*mean_curve(client, cell.runs, "test_error"), linewidth=2, color=colour, label=cell.model)
+        ax.set_title("ResNets" if residual else "plain networks")
+        ax.set_xlabel("iterations")
+        ax.grid(alpha=0.3)
+        if side:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "no finished runs", transform=ax.transAxes, ha="center")
+    axes[0].set_ylabel("error (%)")
+    fig.suptitle(f"Sweep {sweep}: training error (dashed) and test error (solid), as He et al. 2016 Fig. 6")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_error_vs_depth(cells: list[Cell], path: Path, sweep: str) -> None:
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for name in families(cells):
+        side = [c for c in cells if c.family == name]
+        depths = [c.depth for c in side]
+        ax.errorbar(depths, [100 * c.mean for c in side], yerr=[100 * (c.std or 0.0) for c in side],
+                    marker="o", capsize=3, label=f"{name} (mean ± std)")
+        ax.scatter(depths, [100 * c.best for c in side], marker="x", color="black", zorder=3)
+    ax.set_xlabel("layers")
+    ax.set_ylabel("test error (%)")
+    ax.set_xticks(sorted({c.depth for c in cells}))
+    ax.set_title(f"Sweep {sweep}: test error against depth (x: best seed)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- the whole report ---------------------------------------------------------------------------------------
+def write_report(client, experiment, out: Path, say=print) -> tuple[list[Cell], dict[str, Path]]:
+    import matplotlib
+    matplotlib.use("Agg")  # files only: never needs a display
+    out.mkdir(parents=True, exist_ok=True)
+    cells = build_cells(client, collect_trials(client, experiment), say)
+    paths = {name: out / name for name in FILES}
+    paths["table6.md"].write_text(table6_markdown(cells, experiment.name))
+    paths["table6.json"].write_text(table6_json(cells, experiment.name))
+    plot_curves(client, cells, paths["fig6_curves.png"], experiment.name)
+    plot_error_vs_depth(cells, paths["error_vs_depth.png"], experiment.name)
+    return cells, paths
+
+
+def log_report(client, experiment, cells: list[Cell], paths: dict[str, Path]) -> str:
+    """An MLflow run tagged kind=report in the sweep's experiment, the files as its artifacts."""
+    run = client.create_run(experiment.experiment_id, run_name=f"report-{experiment.name}",
+                            tags={"kind": "report", "sweep": experiment.name})
+    client.log_param(run.info.run_id, "trials", str(sum(len(c.errors) for c in cells)))
+    for path in paths.values():
+        client.log_artifact(run.info.run_id, str(path))
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id

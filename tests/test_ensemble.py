@@ -1,0 +1,200 @@
+"""`orchestrate ensemble`: exact averaging and greedy selection on hand-made probabilities, then end to end on a
+real finished sweep in a real MLflow store (tests/sweep_runs.py): selection, evaluation, cache, the logged run,
+and the failures a user meets (too large --top, a broken checkpoint)."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator import ensemble
+from orchestrator.cli import UserError, main
+from orchestrator.ensemble import (accuracy_weights, check_same_data, combine, error_rate, greedy_weights,
+                                   mean_weights, softmax)
+
+from sweep_runs import smoke_sweep  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def two_class(p_correct: list[float]) -> np.ndarray:
+    """[N, 2] probabilities with class 0 (every label here) at p."""
+    p = np.array(p_correct)
+    return np.stack([p, 1 - p], axis=1)
+
+
+# -- pure functions, hand-made numbers --------------------------------------------------------------------
+def test_softmax_average_and_accuracy_weights_exact():
+    p1 = np.array([[0.7, 0.2, 0.1], [0.1, 0.6, 0.3], [0.5, 0.1, 0.4]])
+    p2 = np.array([[0.2, 0.5, 0.3], [0.2, 0.2, 0.6], [0.1, 0.1, 0.8]])
+    labels = np.array([0, 1, 2])
+    probs = softmax(np.log(np.stack([p1, p2])))  # logits whose softmax is p: the cache stores logits
+    np.testing.assert_allclose(probs, np.stack([p1, p2]), rtol=1e-12)
+    mean = combine(probs, mean_weights(2))
+    np.testing.assert_allclose(mean, [[0.45, 0.35, 0.2], [0.15, 0.4, 0.45], [0.3, 0.1, 0.6]], rtol=1e-12)
+    assert error_rate(p1, labels) == pytest.approx(1 / 3) and error_rate(p2, labels) == pytest.approx(2 / 3)
+    assert error_rate(mean, labels) == pytest.approx(1 / 3)  # sample 1 goes to class 2, as p2 says
+    np.testing.assert_allclose(accuracy_weights(probs, np.array([0, 0, 0])), [1.0, 0.0])  # accuracies 2/3, 0
+    np.testing.assert_allclose(accuracy_weights(probs, np.array([0, 2, 2])), [1 / 3, 2 / 3])  # 1/3, 2/3
+    np.testing.assert_allclose(combine(probs, [0.75, 0.25]), 0.75 * p1 + 0.25 * p2, rtol=1e-12)
+
+
+# A: right on samples 0-2 and 4; B: right on sample 3 only, but confidently; C: like A, less sure, wrong on 3.
+GREEDY_VAL = np.stack([two_class([0.9, 0.9, 0.9, 0.4, 0.65]),
+                       two_class([0.2, 0.2, 0.45, 0.95, 0.25]),
+                       two_class([0.6, 0.6, 0.6, 0.45, 0.55])])
+GREEDY_LABELS = np.zeros(5, dtype=np.int64)
+
+
+def test_greedy_selection_exact():
+    """Round 1: A and C tie at 20% error, A has the lower NLL. Round 2: A+A, A+B, A+C all 20%; A+A has the lowest
+    NLL. Round 3: A+A+B gets every sample right (0%): the bag is [A, A, B], weights 2/3, 1/3, 0 -- with
+    replacement it beats the uniform average of A and B (20%)."""
+    weights, bag = greedy_weights(GREEDY_VAL, GREEDY_LABELS, rounds=3)
+    assert bag == [0, 0, 1]
+    np.testing.assert_array_equal(weights, [2 / 3, 1 / 3, 0.0])
+    assert error_rate(combine(GREEDY_VAL, weights), GREEDY_LABELS) == 0.0
+    assert error_rate(combine(GREEDY_VAL[:2], mean_weights(2)), GREEDY_LABELS) == pytest.approx(0.2)
+
+
+def test_greedy_keeps_the_best_prefix():
+    """Later rounds that do not lower the val error are dropped (Caruana et al. keep the best bag seen)."""
+    weights, bag = greedy_weights(GREEDY_VAL, GREEDY_LABELS, rounds=2)
+    assert bag == [0] and list(weights) == [1.0, 0.0, 0.0]  # A+A is no better than A
+    weights, bag = greedy_weights(GREEDY_VAL, GREEDY_LABELS, rounds=8)
+    assert bag == [0, 0, 1]  # rounds 4..8 reach 0% too, but not lower: the smaller bag wins
+
+
+def test_members_must_share_the_data_split():
+    def run(run_id, val_split):
+        return SimpleNamespace(info=SimpleNamespace(run_id=run_id),
+                               data=SimpleNamespace(params={"data.path": "synthetic", "data.val_split": val_split,
+                                                            "data.synthetic.seed": "0"}))
+    check_same_data([run("a", "64"), run("b", "64")])
+    with pytest.raises(UserError, match=r"runs a and b differ in data.val_split \('64' vs '0'\)"):
+        check_same_data([run("a", "64"), run("b", "0")])
+
+
+# -- end to end on the smoke sweep ------------------------------------------------------------------------
+def expected_top(sweep, k: int) -> list[str]:
+    """The k best finished trials by final val_error, from train()'s own results (ties: run id)."""
+    ranked = sorted(sweep.results, key=lambda r: (r["val_error"], r["run_id"]))
+    return [r["run_id"] for r in ranked[:k]]
+
+
+def ensemble_runs(client: MlflowClient, sweep) -> list:
+    return client.search_runs([sweep.experiment_id], "tags.kind = 'ensemble'", order_by=["attributes.start_time DESC"])
+
+
+def test_top3_end_to_end(smoke_sweep, tmp_path, capsys):
+    client = MlflowClient(smoke_sweep.uri)
+    cache = tmp_path / "cache"
+    before = len(ensemble_runs(client, smoke_sweep))
+    assert main(["ensemble", "--top", "3", "--tracking-uri", smoke_sweep.uri, "--cache", str(cache)]) == 0
+    out = capsys.readouterr().out
+    assert "ensemble (mean, 3 members)" in out and "kind=ensemble" in out
+    runs = ensemble_runs(client, smoke_sweep)
+    assert len(runs) == before + 1
+    logged = runs[0]
+    members = expected_top(smoke_sweep, 3)
+    assert logged.data.params["members"] == ",".join(members)
+    assert [logged.data.params[f"member_{i}"] for i in (1, 2, 3)] == members
+    assert logged.data.tags["sweep"] == "smoke" and logged.info.status == "FINISHED"
+    # Member errors: our own forward passes agree with the test_error each trial logged. One image (1/128) of
+    # slack: other batch shapes may round a near-tie the other way on other CPUs.
+    for i, run_id in enumerate(members, 1):
+        assert abs(logged.data.metrics[f"member_{i}_error"] - client.get_run(run_id).data.metrics["test_error"]) \
+            <= 1 / 128 + 1e-12
+    # The ensemble error is the softmax average of the cached logits, recomputed here.
+    cached = [np.load(cache / f"{run_id}-test.npz") for run_id in members]
+    probs = np.mean([softmax(c["logits"]) for c in cached], axis=0)
+    assert logged.data.metrics["ensemble_error"] == pytest.approx(error_rate(probs, cached[0]["labels"]))
+    best = min(logged.data.metrics[f"member_{i}_error"] for i in (1, 2, 3))
+    assert logged.data.metrics["best_member_error"] == best
+    assert logged.data.metrics["gain"] == pytest.approx(best - logged.data.metrics["ensemble_error"])
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} == {"ensemble.json"}
+
+
+def test_second_evaluation_reads_only_the_cache(smoke_sweep, tmp_path, monkeypatch, capsys):
+    cache = tmp_path / "cache"
+    args = ["ensemble", "--top", "4", "--method", "greedy", "--tracking-uri", smoke_sweep.uri,
+            "--cache", str(cache), "--no-log"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert sorted(p.name for p in cache.iterdir()) == sorted(f"{r}-{s}.npz" for r in expected_top(smoke_sweep, 4)
+                                                             for s in ("test", "val"))
+
+    def no_checkpoint(*_args, **_kwargs):
+        raise AssertionError("a cached member was loaded again")
+    monkeypatch.setattr(ensemble, "load_model", no_checkpoint)
+    assert main(args) == 0
+    assert capsys.readouterr().out == first  # same members, weights and errors
+
+
+def test_greedy_weights_logged(smoke_sweep, tmp_path):
+    client = MlflowClient(smoke_sweep.uri)
+    cache = tmp_path / "cache"
+    assert main(["ensemble", "--top", "4", "--method", "greedy", "--tracking-uri", smoke_sweep.uri,
+                 "--cache", str(cache)]) == 0
+    logged = ensemble_runs(client, smoke_sweep)[0]
+    assert logged.data.params["method"] == "greedy"
+    members = expected_top(smoke_sweep, 4)
+    val = [np.load(cache / f"{run_id}-val.npz") for run_id in members]
+    weights, _ = greedy_weights(np.stack([softmax(v["logits"]) for v in val]), val[0]["labels"], rounds=8)
+    logged_weights = [logged.data.metrics[f"member_{i}_weight"] for i in range(1, 5)]
+    np.testing.assert_allclose(logged_weights, weights)
+    assert sum(logged_weights) == pytest.approx(1.0)
+
+
+def test_top_larger_than_the_finished_runs(smoke_sweep, capsys):
+    # 8 trial runs in the store, but one FAILED and one early-stopped: 6 count.
+    assert main(["ensemble", "--top", "7", "--tracking-uri", smoke_sweep.uri, "--no-log"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has only 6 finished trial runs with metric val_error" in err
+
+
+def test_unknown_sweep_lists_the_sweeps(smoke_sweep, capsys):
+    assert main(["ensemble", "--top", "2", "--sweep", "nope", "--tracking-uri", smoke_sweep.uri]) == 2
+    err = capsys.readouterr().err
+    assert "no sweep 'nope'" in err and "sweeps: smoke" in err
+
+
+def artifact_file(client: MlflowClient, run_id: str, name: str) -> Path:
+    return Path(unquote(urlparse(client.get_run(run_id).info.artifact_uri).path)) / name
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_broken_member_is_named_or_skipped(smoke_sweep, tmp_path, capsys, damage):
+    client = MlflowClient(smoke_sweep.uri)
+    first, broken, third = expected_top(smoke_sweep, 3)
+    path = artifact_file(client, broken, "model.pt")
+    backup = tmp_path / "model.pt.bak"
+    shutil.copy2(path, backup)
+    cache = tmp_path / "cache"
+    base = ["ensemble", "--top", "3", "--tracking-uri", smoke_sweep.uri, "--cache", str(cache)]
+    before = len(ensemble_runs(client, smoke_sweep))
+    try:
+        if damage == "corrupt":
+            path.write_bytes(path.read_bytes()[:200])  # a torn copy
+        else:
+            path.unlink()
+        assert main(base) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"run {broken}:" in err and "--skip-broken" in err
+        assert ("model.pt is corrupt" if damage == "corrupt" else "cannot fetch artifact model.pt") in err
+        # Nothing else is lost: the member evaluated before is cached, no half ensemble was logged.
+        assert (cache / f"{first}-test.npz").is_file()
+        assert len(ensemble_runs(client, smoke_sweep)) == before
+        assert main(base + ["--skip-broken"]) == 0
+        out = capsys.readouterr().out
+        assert f"leaving out run {broken}" in out and "2 members" in out
+        logged = ensemble_runs(client, smoke_sweep)[0]
+        assert logged.data.params["members"] == f"{first},{third}"
+        assert logged.data.params["skipped"] == broken
+    finally:
+        shutil.copy2(backup, path)

@@ -1,0 +1,115 @@
+"""`orchestrate report`: Table 6 and Fig. 6 from a real finished sweep; every number in the table is checked against
+the MLflow metrics it comes from, read here straight from the store."""
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+
+import matplotlib.image
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.cli import main
+from orchestrator.report import FILES, mean_curve
+from resnet_core.models import count_parameters, create_model
+
+from sweep_runs import smoke_sweep  # noqa: F401  (the fixture)
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def report(smoke_sweep, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "smoke report"  # a space in the path, on purpose
+    assert main(["report", "--tracking-uri", smoke_sweep.uri, "--out", str(out)]) == 0
+    return out
+
+
+def expected_cells(smoke_sweep) -> dict[tuple[str, int], list[float]]:
+    """(family, depth) -> final test_error of each finished trial, straight from MLflow (not from our code)."""
+    client = MlflowClient(smoke_sweep.uri)
+    runs = client.search_runs([smoke_sweep.experiment_id], "tags.kind = 'trial' and attributes.status = 'FINISHED'")
+    runs = [r for r in runs if r.data.tags.get("early_stopped") != "true"]
+    assert sorted(r.info.run_id for r in runs) == sorted(smoke_sweep.finished)
+    cells = defaultdict(list)
+    for r in sorted(runs, key=lambda r: r.info.run_id):
+        family = "plain" if r.data.params["model.name"] == "plain_cifar" else "ResNet"
+        cells[(family, int(r.data.params["model.depth"]))].append(r.data.metrics["test_error"])
+    return cells
+
+
+def table_rows(markdown: str) -> dict[int, list[str]]:
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    return {int(cells[0]): [c.strip() for c in cells[1:]] for cells in rows}
+
+
+def test_writes_the_files_and_logs_them(report, smoke_sweep):
+    for name in FILES:
+        assert (report / name).stat().st_size > 0, name
+    for name in ("fig6_curves.png", "error_vs_depth.png"):
+        height, width, _ = matplotlib.image.imread(report / name).shape
+        assert width > height > 300
+    client = MlflowClient(smoke_sweep.uri)
+    (logged,) = client.search_runs([smoke_sweep.experiment_id], "tags.kind = 'report'")
+    assert logged.info.status == "FINISHED" and logged.data.params["trials"] == "6"
+    assert {a.path for a in client.list_artifacts(logged.info.run_id)} == set(FILES)
+
+
+def test_table6_numbers_equal_the_mlflow_metrics(report, smoke_sweep):
+    markdown = (report / "table6.md").read_text()
+    header = [line for line in markdown.splitlines() if line.startswith("| layers")][0]
+    assert [c.strip() for c in header.strip("|").split("|")][:7] == \
+        ["layers", "plain", "# params", "error (%) best", "error (%) mean ± std", "seeds", "ResNet"]
+    rows = table_rows(markdown)
+    cells = expected_cells(smoke_sweep)
+    assert sorted(rows) == sorted({depth for _, depth in cells}) == [8, 14]
+    for (family, depth), errors in cells.items():
+        columns = rows[depth][:5] if family == "plain" else rows[depth][5:]
+        model = "plain_cifar" if family == "plain" else "resnet_cifar"
+        params = count_parameters(create_model(model, depth=depth))
+        std = f"{100 * statistics.stdev(errors):.2f}" if len(errors) > 1 else "–"
+        assert columns == [f"{family}-{depth}", f"{params / 1e6:.2f}M", f"{100 * min(errors):.2f}",
+                           f"{100 * statistics.fmean(errors):.2f} ± {std}", str(len(errors))]
+
+
+def test_table6_json_holds_the_unrounded_metrics(report, smoke_sweep):
+    saved = json.loads((report / "table6.json").read_text())
+    cells = expected_cells(smoke_sweep)
+    assert {(r["family"], r["depth"]): r["errors"] for r in saved["rows"]} == dict(cells)
+    for row in saved["rows"]:
+        errors = row["errors"]
+        assert row["best"] == min(errors) and row["mean"] == statistics.fmean(errors)
+        assert row["std"] == (statistics.stdev(errors) if len(errors) > 1 else None)
+
+
+def test_fig6_curves_are_the_logged_histories(smoke_sweep):
+    """A single-seed curve is the run's own history in percent; a two-seed curve is the mean of the two."""
+    client = MlflowClient(smoke_sweep.uri)
+    by_config = defaultdict(list)
+    for r in smoke_sweep.results:
+        params = client.get_run(r["run_id"]).data.params
+        by_config[(params["model.name"], params["model.depth"])].append(r["run_id"])
+    single = by_config[("resnet_cifar", "14")]
+    history = sorted((m.step, 100 * m.value) for m in client.get_metric_history(single[0], "test_error"))
+    assert list(zip(*mean_curve(client, single, "test_error"))) == history
+    pair = by_config[("plain_cifar", "8")]
+    steps, values = mean_curve(client, pair, "train_error")
+    first = dict((m.step, m.value) for m in client.get_metric_history(pair[0], "train_error"))
+    second = dict((m.step, m.value) for m in client.get_metric_history(pair[1], "train_error"))
+    assert steps == sorted(first) == [3, 6, 9, 12, 15, 18, 21, 24, 27, 30]
+    assert values == pytest.approx([100 * (first[s] + second[s]) / 2 for s in steps])
+
+
+def test_ambiguous_sweep_is_an_error(smoke_sweep, tmp_path, capsys):
+    """Two sweeps in one store and no --sweep: a one-line error listing both."""
+    import shutil
+    db = tmp_path / "two.db"
+    shutil.copy(smoke_sweep.root / "mlruns.db", db)
+    uri = f"sqlite:///{db}"
+    client = MlflowClient(uri)
+    other = client.create_experiment("other")
+    client.create_run(other, tags={"kind": "trial", "sweep": "other"})
+    assert main(["report", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds 2 sweeps (other, smoke); choose one with --sweep" in err
