@@ -7,6 +7,7 @@ torchrun / the DeepSpeed launcher as a child process and relays its reports.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -21,6 +22,7 @@ from typing import Any
 from ray import tune
 
 from .. import launch
+from ..mps import mps_daemon
 from ..ledger import Ledger
 from ..trials import SweepContext, Trial
 from .base import Events
@@ -125,6 +127,13 @@ class RayTuneBackend:
         return f"{where}; " + shlex.join(child_command(launcher, "<trial config>.yaml", r.workers_per_node))
 
     def run(self, trials: list[Trial], events: Events) -> None:
+        packing = 0 < self.spec.resources.gpus < 1 and not self.address
+        say = getattr(events, "log", print)
+        # MPS first: the Ray workers started next inherit its pipe folder.
+        with mps_daemon(say) if packing else contextlib.nullcontext():
+            self.run_tune(trials, events)
+
+    def run_tune(self, trials: list[Trial], events: Events) -> None:
         import ray
         self.start_ray()
         try:
