@@ -21,6 +21,8 @@ COMMANDS = {
     "ensemble": ("ensemble", "combine the K best trials of a sweep and log what the ensemble gains"),
     "report": ("report", "the sweep as the paper's Table 6 (markdown) and Fig. 6 (PNG)"),
     "ui": ("ui", "start the MLflow UI for the tracking store, bound to 127.0.0.1"),
+    "tracking-server": ("tracking_server", "run the MLflow tracking server for many trials (PostgreSQL or sqlite), "
+                                          "bound to 127.0.0.1"),
 }
 
 
@@ -56,4 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m orchestrator.cli`: run the imported module, so UserError is the class commands raise.
+    from orchestrator.cli import main as installed_main
+    sys.exit(installed_main())

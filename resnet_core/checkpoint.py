@@ -62,11 +62,20 @@ def verify(path: Path) -> bool:
 
 
 def load_latest(folder: Path, map_location: str | torch.device = "cpu") -> tuple[dict | None, list[str]]:
-    """The newest checkpoint that passes its checksum, and the names of newer ones that did not (events to log)."""
+    """The newest checkpoint that passes its checksum, and the names of newer ones that did not (events to log).
+
+    A rejected file is renamed ``*.rejected``: kept for a post-mortem, no longer counted among the ``keep``
+    newest, so the next save cannot delete the good fallback in its place. Checkpoints that all fail are an
+    error, never a silent restart from scratch.
+    """
     rejected = []
     for path in checkpoint_files(folder):
         if verify(path):
             return torch.load(path, map_location=map_location, weights_only=True), rejected
         log.warning("checkpoint %s fails its checksum; trying the previous one", path)
+        path.rename(path.with_name(path.name + ".rejected"))
         rejected.append(path.name)
+    if rejected:
+        raise CheckpointError(f"every checkpoint in {folder} fails its checksum ({', '.join(rejected)}, now "
+                              "*.rejected); set checkpoint.resume: false to start this trial over")
     return None, rejected

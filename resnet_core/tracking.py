@@ -1,12 +1,22 @@
 """MLflow tracking for one trial, from rank 0 only.
 
-Metrics are buffered and sent in batches (a training step never waits on the tracking store). A resumed trial
-continues its MLflow run: points at steps the run already holds are dropped, so a restart after a kill leaves
-neither a gap nor a duplicate step (the loader and the step are deterministic, so the values are the same).
+Metrics are buffered and sent in batches (a step waits on the store only at a send, every ``flush_seconds``).
+A resumed trial continues its MLflow run: points at steps the run already holds are dropped, so a restart after a
+kill leaves neither a gap nor a duplicate step (the loader and the step are deterministic, so the values are the
+same).
+
+Sending survives a store that is briefly down (a tracking server restarting, a 5xx, a locked sqlite file): the
+HTTP client retries with backoff (MLflow's MLFLOW_HTTP_REQUEST_MAX_RETRIES / _BACKOFF_FACTOR), and a batch that
+still fails stays buffered (while the store is down, a send waits out those retries: training pauses, for ~2
+minutes at most). The periodic send during training then just tries again later; ``flush()`` (before a
+checkpoint, at the end) retries for up to ``retry_seconds`` and then raises, the points still buffered, so a
+checkpoint is never published ahead of its metrics. Re-sending a batch is idempotent: a point keeps the timestamp
+it was logged with, and the store drops exact duplicates.
 """
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import platform
 import subprocess
@@ -16,8 +26,35 @@ from typing import Any
 
 import torch
 
+log = logging.getLogger(__name__)
+
 DEFAULT_URI = "sqlite:///mlruns.db"
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call
+RETRY_SECONDS = 300.0  # flush() gives up after this long; a tracking server restarts in ~10 s
+MAX_BACKOFF = 30.0  # seconds between flush() attempts, at most
+# Defaults for MLflow's client; a value the user exported wins. Its HTTP retry (urllib3) retries at once, then
+# waits backoff_factor * 2**(n-1) s: with factor 1, 7 retries span 2 minutes (0+2+4+...+64 s) where MLflow's 2
+# spans 4, so a periodic send stalls training for at most 2 minutes of an outage before flush()'s own loop takes
+# over; a ~9 s server restart costs about the same either way. Telemetry off: without network its thread gives up
+# and unsets an environment variable a request may be reading (a KeyError from log_batch, 1 in 1,597 calls).
+CLIENT_DEFAULTS = {"MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "7",
+                   "MLFLOW_HTTP_REQUEST_TIMEOUT": "60", "MLFLOW_DISABLE_TELEMETRY": "true"}
+
+
+class TrackingUnavailable(RuntimeError):
+    """The store did not take buffered metrics within ``retry_seconds``; they are still buffered."""
+
+
+def is_transient(err: Exception) -> bool:
+    """Worth retrying: a 5xx/408/429 from the server, a connection failure, a locked or busy database (MLflow's
+    SQL store reports that as a 503). A 4xx (a bad value, a deleted run) or a bug fails the same way every time."""
+    from mlflow.exceptions import MlflowException
+    if isinstance(err, MlflowException):
+        if "QueuePool limit" in str(err):  # a busy server's connection pool; MLflow reports it as a 400
+            return True
+        status = err.get_http_status_code()
+        return status >= 500 or status in (408, 429)
+    return isinstance(err, OSError)  # requests' ConnectionError and Timeout are OSErrors
 
 
 def tracking_uri(configured: str | None) -> str:
@@ -67,12 +104,15 @@ def get_or_create_experiment(client, name: str) -> str:
 class Tracker:
     """One trial's MLflow run. ``flush_seconds`` bounds how stale the store may be while training."""
 
-    def __init__(self, uri: str | None, experiment: str, flush_seconds: float = 10.0):
+    def __init__(self, uri: str | None, experiment: str, flush_seconds: float = 10.0,
+                 retry_seconds: float = RETRY_SECONDS):
+        for name, value in CLIENT_DEFAULTS.items():
+            os.environ.setdefault(name, value)  # read by MLflow's HTTP client at each request
         from mlflow import MlflowClient
         self.client = MlflowClient(tracking_uri=tracking_uri(uri))
         self.experiment_id = get_or_create_experiment(self.client, experiment)
         self.run_id: str | None = None
-        self.flush_seconds = flush_seconds
+        self.flush_seconds, self.retry_seconds = flush_seconds, retry_seconds
         self._buffer: list[Any] = []
         self._last_flush = time.monotonic()
         self._last_step: dict[str, int] = {}
@@ -110,13 +150,35 @@ class Tracker:
                 self._buffer.append(Metric(key, float(value), now, step))
                 self._last_step[key] = step
         if time.monotonic() - self._last_flush > self.flush_seconds:
-            self.flush()
+            self._send()  # on failure the points stay buffered and the next period tries again
 
     def flush(self) -> None:
-        for i in range(0, len(self._buffer), MAX_BATCH):
-            self.client.log_batch(self.run_id, metrics=self._buffer[i:i + MAX_BATCH])
-        self._buffer.clear()
+        """Send every buffered point; retry transient failures with backoff for up to ``retry_seconds``."""
+        deadline = time.monotonic() + self.retry_seconds
+        delay = 1.0
+        while not self._send():
+            if time.monotonic() + delay > deadline:
+                raise TrackingUnavailable(
+                    f"the tracking store {self.client.tracking_uri} did not take {len(self._buffer)} metric points "
+                    f"in {self.retry_seconds:.0f} s (run {self.run_id}); they are still buffered")
+            time.sleep(delay)
+            delay = min(2 * delay, MAX_BACKOFF)
+
+    def _send(self) -> bool:
+        """One attempt at the whole buffer, oldest first; True when it is empty. Sent batches leave the buffer."""
         self._last_flush = time.monotonic()
+        while self._buffer:
+            batch = self._buffer[:MAX_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=batch)
+            except Exception as err:
+                if not is_transient(err):
+                    raise
+                log.warning("tracking store unavailable, %d points kept for the next try: %s",
+                            len(self._buffer), str(err).splitlines()[0][:300])
+                return False
+            del self._buffer[:len(batch)]
+        return True
 
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():

@@ -311,6 +311,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"interrupted: {err}; checkpoint written, run again to resume", file=sys.stderr)
         return 3
+    except checkpoint.CheckpointError as err:  # a full disk, or only corrupt checkpoints to resume from
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if distributed.read_env().is_main:
         print(json.dumps(result))
         if report:

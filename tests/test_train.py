@@ -102,6 +102,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     newest.write_bytes(newest.read_bytes()[:-7])  # truncated, as by a crash or a full disk
     state, rejected = checkpoint.load_latest(folder)
     assert state == {"iteration": 10} and rejected == [newest.name]
+    # set aside, so it no longer counts among the `keep` newest: the next save keeps the good fallback
+    assert newest.with_name(newest.name + ".rejected").exists()
+    checkpoint.save(folder, 30, {"iteration": 30}, keep=2)
+    assert [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_files(folder)] == [30, 10]
+
+
+def test_only_corrupt_checkpoints_is_an_error_not_a_silent_restart(tmp_path):
+    folder = tmp_path / "ckpt"
+    only = checkpoint.save(folder, 10, {"iteration": 10}, keep=2)
+    only.write_bytes(b"garbage")
+    with pytest.raises(checkpoint.CheckpointError, match="every checkpoint .* fails its checksum"):
+        checkpoint.load_latest(folder)
 
 
 def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
