@@ -1,6 +1,7 @@
 """Running a sweep: spec -> trials -> (skip what MLflow says is done) -> backend, with a live view."""
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from resnet_core.tracking import tracking_uri
@@ -63,12 +64,20 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
 
 def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False, live: bool | None = None) -> dict:
     backend = get_backend(ctx.spec.backend)(ctx)  # refuses what it cannot run before anything is logged
-    ledger = Ledger(ctx.tracking_uri, ctx.spec.name)
-    plan = ledger.plan(trials, retry_failed)
+    fresh_store = not store_exists(ctx.tracking_uri)
+    with ThreadPoolExecutor(1) as pool:
+        # Creating an sqlite store runs MLflow's migrations (~8 s); a new store means every trial will run, so
+        # the engine starts meanwhile (Ray: ~9 s) instead of after.
+        planned = pool.submit(lambda: Ledger(ctx.tracking_uri, ctx.spec.name).plan(trials, retry_failed))
+        if fresh_store and hasattr(backend, "start"):
+            backend.start()
+        plan = planned.result()
     skipped = {k: r for k, r in plan.reason.items() if k not in {t.key for t in plan.to_run}}
     metric = ctx.spec.scheduler.asha.metric if ctx.spec.scheduler.asha else "test_error"
     progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
     with progress:
         if plan.to_run:
             backend.run(plan.to_run, progress)
+        elif hasattr(backend, "stop"):
+            backend.stop()
     return {"started": len(plan.to_run), "skipped": len(skipped), **progress.counts()}

@@ -117,6 +117,7 @@ class RayTuneBackend:
         self.ctx = ctx
         self.spec = ctx.spec
         self.address = ctx.cluster.get("ray", {}).get("address")
+        self._stack: contextlib.ExitStack | None = None
 
     def describe(self, trial: Trial) -> str:
         launcher = uses_launcher(self.spec, trial.config_dict())
@@ -126,21 +127,33 @@ class RayTuneBackend:
             return f"{where}; in the Tune actor: resnet_core.train.train(<trial config>)"
         return f"{where}; " + shlex.join(child_command(launcher, "<trial config>.yaml", r.workers_per_node))
 
-    def run(self, trials: list[Trial], events: Events) -> None:
-        packing = 0 < self.spec.resources.gpus < 1 and not self.address
-        say = getattr(events, "log", print)
-        # MPS first: the Ray workers started next inherit its pipe folder.
-        with mps_daemon(say) if packing else contextlib.nullcontext():
-            self.run_tune(trials, events)
-
-    def run_tune(self, trials: list[Trial], events: Events) -> None:
-        import ray
+    def start(self, say=print) -> None:
+        """Start the engine (MPS when packing, then Ray); the sweep calls this early to overlap it with MLflow."""
+        if self._stack is not None:
+            return
+        self._stack = contextlib.ExitStack()
+        if 0 < self.spec.resources.gpus < 1 and not self.address:
+            self._stack.enter_context(mps_daemon(say))  # first: the Ray workers started next inherit its pipe
         self.start_ray()
+        if not self.address:
+            import ray
+            self._stack.callback(ray.shutdown)
+
+    def stop(self) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+
+    def run(self, trials: list[Trial], events: Events) -> None:
+        self.start(getattr(events, "log", print))
         try:
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": self.spec.resources.cpus, "gpu": self.spec.resources.gpus}),
                 param_space={"trial": tune.grid_search([self.trial_payload(t) for t in trials])},
                 tune_config=tune.TuneConfig(scheduler=asha_scheduler(self.spec), max_concurrent_trials=self.spec.max_concurrent,
+                                            # a finished trial's actor takes the next one: no new process, no
+                                            # second import of torch (seconds per trial on small sweeps)
+                                            reuse_actors=True,
                                             trial_name_creator=lambda t: t.config["trial"]["key"],
                                             trial_dirname_creator=lambda t: t.config["trial"]["key"]),
                 run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -148,8 +161,7 @@ class RayTuneBackend:
                                           callbacks=[EventsCallback(events, self.ctx)]))
             tuner.fit()
         finally:
-            if not self.address:
-                ray.shutdown()
+            self.stop()
 
     def trial_payload(self, trial: Trial) -> dict[str, Any]:
         cfg = trial.config_dict()

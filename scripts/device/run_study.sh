@@ -1,0 +1,200 @@
+#!/usr/bin/env bash
+# The GPU numbers of issues 3, 4 and 8, on the GPU machine, split over `run` calls (docs/gpu-runbook.md):
+#
+#   bash scripts/device/run_study.sh call1    # carry .device/p1: loader + train-step benchmarks, packed trials
+#   bash scripts/device/run_study.sh call2    # carry .device/p2: torch.compile rows (ResNet-56/110)
+#   bash scripts/device/run_study.sh call3    # carry .device/p3: ray complete -> the cifar_depth sweep starts
+#   bash scripts/device/run_study.sh call4    # no carry: the sweep resumes, then report + ensemble
+#   bash scripts/device/run_study.sh STAGE... # any stages in order: unpack mps loader train compile20 compile56
+#                                             #   compile110 pack spec sweep report ensemble collect
+#   bash scripts/device/run_study.sh --dry-run [STAGE...]   # print the plan; `spec` writes the sweep copy and
+#                                             #   runs `orchestrate sweep --dry-run` on it (works on a CPU machine)
+#
+# Every call first sources unpack.sh (whatever has arrived gets installed), tees everything into $OUT/study.log,
+# appends benchmark JSON lines to $OUT/bench.jsonl, ends with `collect` (the MLflow sqlite store, reports, the
+# generated spec, Ray's trial logs in $OUT/results.tar.gz) and stops within CALL_BUDGET seconds (default 540:
+# 9 minutes, inside the tool's 10): a stage that would not fit is skipped and says so; the sweep is stopped
+# (SIGINT, then `ray stop`) in time for collect, and the next `sweep` resumes it from its checkpoints.
+#
+# Knobs (environment): CALL_BUDGET=540  SWEEP_ITERS=64000 (the paper's recipe; 32000 halves the schedule)
+#   SWEEP_MODELS=resnet110,resnet56,plain56,resnet44,resnet32,resnet20,plain20  SWEEP_SEEDS=0
+#   STUDY=/tmp/study  DATA_DIR=/tmp/data  ENSEMBLE_TOP=6  OUT (the tool sets it; default /tmp/out)
+set -uo pipefail
+T0=$SECONDS
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+HERE=$ROOT/scripts/device
+export OUT=${OUT:-/tmp/out}
+export STUDY=${STUDY:-/tmp/study} DATA_DIR=${DATA_DIR:-/tmp/data}
+PY=${PY:-python3}
+CALL_BUDGET=${CALL_BUDGET:-540}
+SWEEP_ITERS=${SWEEP_ITERS:-64000}
+SWEEP_MODELS=${SWEEP_MODELS:-resnet110,resnet56,plain56,resnet44,resnet32,resnet20,plain20}
+SWEEP_SEEDS=${SWEEP_SEEDS:-0}
+ENSEMBLE_TOP=${ENSEMBLE_TOP:-6}
+DATA=$DATA_DIR/cifar10-jpeg.tar.gz
+SPEC=$STUDY/cifar_depth_h100.yaml
+DRY=0
+export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-200}  # rich: wide tables in the logs
+mkdir -p "$OUT" "$STUDY"
+LOG=$OUT/study.log
+BENCH=$OUT/bench.jsonl
+
+say() { echo "[run_study $(date +%H:%M:%S) +$((SECONDS - T0))s] $*" | tee -a "$LOG"; }
+left() { echo $((CALL_BUDGET - (SECONDS - T0))); }
+fits() {  # fits SECONDS NAME: is there time for a stage of about SECONDS (plus 45 s for collect)?
+  if [ "$(left)" -lt $(($1 + 45)) ]; then say "SKIP $2: needs ~$1 s, $(left) s left in this call"; return 1; fi
+}
+run() {  # run NAME CMD...: a logged, timed command bounded by the time left; its output goes to the log too
+  local name=$1; shift
+  local limit=$(( $(left) - 45 ))
+  [ "$limit" -gt 10 ] || { say "SKIP $name: no time left"; return 1; }
+  say "BEGIN $name: $*"
+  if [ $DRY = 1 ]; then say "(dry run)"; return 0; fi
+  local t=$SECONDS
+  timeout -s INT -k 20 "$limit" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  say "END $name: rc=$rc in $((SECONDS - t)) s"
+  return "$rc"
+}
+
+orchestrate() { "$PY" -m orchestrator.cli "$@"; }
+
+stage_unpack() {
+  say "unpack (scripts/device/unpack.sh)"
+  # shellcheck source=unpack.sh
+  source "$HERE/unpack.sh" > >(tee -a "$LOG") 2>&1  # in this shell: its exports stay
+  sleep 0.2
+  if [ $DRY = 0 ] && command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm --format=csv 2>&1 | tee -a "$LOG"
+  fi
+  "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
+}
+
+stage_mps() {  # CUDA MPS (../shared/docs/gpu.md): the daemon outlives the call; processes see the two variables
+  export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps CUDA_MPS_LOG_DIRECTORY=/tmp/mpslog
+  [ $DRY = 1 ] && { say "mps (dry run)"; return 0; }
+  mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  if [ -e "$CUDA_MPS_PIPE_DIRECTORY/control" ] && echo get_server_list | nvidia-cuda-mps-control >/dev/null 2>&1; then
+    say "mps: already running"
+  else
+    nvidia-cuda-mps-control -d && say "mps: started" || say "mps: FAILED to start (packed runs go on time-slicing)"
+  fi
+}
+
+stage_loader() {  # issue 3: gpu loader >= 1M img/s; dali vs torch (dali only if its wheels were carried)
+  fits 90 loader || return 0
+  run loader-gpu orchestrate bench-loader --loader gpu --data "$DATA" --device cuda --batch-size 512 --batches 1000
+  tail -n 20 "$LOG" | grep '^{' | tail -1 | sed 's/^{/{"bench": "loader", "cmd": "gpu b512", /' >> "$BENCH"
+  run loader-compare orchestrate bench-loader --compare --data "$DATA" --device cuda --batch-size 256 --batches 200 --workers 2
+  run loader-compare-w8 orchestrate bench-loader --compare --data "$DATA" --device cuda --batch-size 256 --batches 200 --workers 8
+}
+
+bench() { run "$1" "$PY" "$HERE/bench_train.py" --out "$BENCH" "${@:2}"; }
+stage_train()      { fits 100 train && bench train --models resnet20,resnet56,resnet110 --steps eager,graph --iters 200 --min-seconds 3; }
+stage_compile20()  { fits 90 compile20 && bench compile20 --models resnet20 --steps compile --iters 200 --min-seconds 3; }
+stage_compile56()  { fits 150 compile56 && bench compile56 --models resnet56 --steps compile --iters 100 --min-seconds 3; }
+stage_compile110() { fits 200 compile110 && bench compile110 --models resnet110 --steps compile --iters 100 --min-seconds 3; }
+stage_pack() {  # issue 8: aggregate img/s of packed ResNet-20 trials (run after `mps`)
+  fits 120 pack || return 0
+  bench pack-graph --models resnet20 --steps graph --procs 4 --iters 500 --min-seconds 4
+  bench pack-graph --models resnet20 --steps graph --procs 8 --iters 500 --min-seconds 4
+  fits 60 pack-eager && bench pack-eager --models resnet20 --steps eager --procs 8 --iters 100 --min-seconds 4
+  fits 60 pack-b512 && bench pack-b512 --models resnet20 --steps graph --procs 4 --batch-size 512 --iters 200 --min-seconds 4
+}
+
+stage_spec() {
+  say "spec: $SPEC (iters $SWEEP_ITERS, models $SWEEP_MODELS, seeds $SWEEP_SEEDS)"
+  "$PY" "$HERE/make_spec.py" --out "$SPEC" --study "$STUDY" --data "$DATA" --iters "$SWEEP_ITERS" \
+    --models "$SWEEP_MODELS" --seeds "$SWEEP_SEEDS" ${SPEC_EXTRA:-} 2>&1 | tee -a "$LOG"
+  (cd "$STUDY" && orchestrate sweep "$SPEC" --dry-run) 2>&1 | tee -a "$LOG"
+}
+
+stage_sweep() {  # runs until the call's deadline less RESERVE s; a later `sweep` resumes from the checkpoints
+  [ -f "$SPEC" ] || stage_spec
+  local reserve=${RESERVE:-45}
+  local limit=$(( $(left) - reserve - 45 ))
+  [ "$limit" -gt 60 ] || { say "SKIP sweep: $(left) s left"; return 0; }
+  say "BEGIN sweep for at most $limit s (then SIGINT; resumes next call)"
+  [ $DRY = 1 ] && { say "(dry run)"; return 0; }
+  local t=$SECONDS
+  # In a session of its own (setsid): Ray's processes stay in it, so what survives the driver is ended by
+  # session id afterwards, never by name (`ray stop` would end every Ray on the machine).
+  (cd "$STUDY" && SPEC=$SPEC LIMIT=$limit setsid bash -c 'echo $$ > sweep.sid; exec timeout -s INT -k 30 "$LIMIT" '"$PY"' -m orchestrator.cli sweep "$SPEC"') 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  say "END sweep: rc=$rc in $((SECONDS - t)) s ($( [ "$rc" = 124 ] && echo 'stopped at the deadline' || echo 'returned'))"
+  end_session "$(cat "$STUDY/sweep.sid" 2>/dev/null)"
+  (cd "$STUDY" && orchestrate status "$(spec_name)" --tracking-uri "sqlite:///$STUDY/mlruns.db") 2>&1 | tee -a "$LOG"
+}
+end_session() {  # end_session SID: kill what is left of the processes of that session (by PID)
+  [ -n "${1:-}" ] || return 0
+  local pids; pids=$(ps -eo pid=,sid= | awk -v s="$1" '$2 == s {print $1}')
+  [ -z "$pids" ] && return 0
+  say "ending $(echo $pids | wc -w) leftover process(es) of the sweep's session $1"
+  kill -TERM $pids 2>/dev/null; sleep 3
+  pids=$(ps -eo pid=,sid= | awk -v s="$1" '$2 == s {print $1}'); [ -n "$pids" ] && kill -KILL $pids 2>/dev/null
+  return 0
+}
+spec_name() { "$PY" -c "import yaml,sys; print(yaml.safe_load(open(sys.argv[1]))['name'])" "$SPEC"; }
+
+finished_trials() {  # finished trial runs with a val_error, in the sweep's experiment
+  "$PY" - "$STUDY/mlruns.db" "$(spec_name)" <<'PY' 2>/dev/null || echo 0
+import sys
+from mlflow import MlflowClient
+from orchestrator.runs import finished_trials
+c = MlflowClient(f"sqlite:///{sys.argv[1]}")
+e = c.get_experiment_by_name(sys.argv[2])
+print(0 if e is None else sum("val_error" in r.data.metrics for r in finished_trials(c, e.experiment_id)))
+PY
+}
+
+stage_report() {
+  fits 30 report || return 0
+  [ -f "$SPEC" ] || { say "SKIP report: no sweep here yet"; return 0; }
+  (cd "$STUDY" && run report "$PY" -m orchestrator.cli report --sweep "$(spec_name)" \
+    --tracking-uri "sqlite:///$STUDY/mlruns.db" --out "$STUDY/reports")
+}
+
+stage_ensemble() {
+  fits 45 ensemble || return 0
+  [ -f "$SPEC" ] || { say "SKIP ensemble: no sweep here yet"; return 0; }
+  local n; n=$(finished_trials); local k=$ENSEMBLE_TOP
+  [ "$n" -lt "$k" ] && { say "ensemble: only $n finished trials with val_error; --top $n instead of $k"; k=$n; }
+  [ "$k" -ge 2 ] || { say "SKIP ensemble: fewer than 2 finished trials"; return 0; }
+  (cd "$STUDY" && run ensemble "$PY" -m orchestrator.cli ensemble --top "$k" --sweep "$(spec_name)" \
+    --tracking-uri "sqlite:///$STUDY/mlruns.db")
+}
+
+stage_collect() {  # one file: the MLflow store, reports, spec, artifacts but weights, Ray's trial logs
+  [ $DRY = 1 ] && { say "collect (dry run)"; return 0; }
+  local list; list=$(mktemp)
+  (cd / && for p in "$STUDY/mlruns.db" "$STUDY/reports" "$SPEC" "$STUDY/mlruns" "$STUDY/sweep/ray"; do
+     [ -e "$p" ] && echo "${p#/}"; done) > "$list"
+  local ray_logs; ray_logs=$(ls -d /tmp/ray/session_*/logs 2>/dev/null | tail -2)
+  tar -C / -czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='checkpoint_*' -T "$list" \
+    $(for d in $ray_logs; do ls "$d"/worker-*.err "$d"/worker-*.out "$d"/raylet.out 2>/dev/null | sed 's#^/##' | head -60; done) \
+    2>/dev/null
+  if [ "$(stat -c %s "$OUT/results.tar.gz" 2>/dev/null || echo 0)" -gt $((15 * 1024 * 1024)) ]; then
+    say "collect: over 15 MiB with Ray's logs; without them"
+    tar -C / -czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='checkpoint_*' -T "$list" 2>/dev/null
+  fi
+  rm -f "$list"
+  say "collect: $OUT: $(cd "$OUT" && ls -la | awk 'NR>1 && $NF!="." && $NF!=".." {print $NF" "$5}' | tr '\n' ' ')"
+}
+
+STAGES=()
+for a in "$@"; do
+  case $a in
+    --dry-run) DRY=1 ;;
+    call1) STAGES+=(unpack loader train compile20 mps pack collect) ;;
+    call2) STAGES+=(unpack compile110 compile56 collect) ;;
+    call3) STAGES+=(unpack mps spec sweep collect) ;;
+    call4) RESERVE=${RESERVE:-150}; STAGES+=(unpack mps sweep report ensemble collect) ;;
+    unpack|mps|loader|train|compile20|compile56|compile110|pack|spec|sweep|report|ensemble|collect) STAGES+=("$a") ;;
+    *) echo "run_study.sh: unknown stage $a (see the top of this file)" >&2; exit 2 ;;
+  esac
+done
+[ ${#STAGES[@]} -gt 0 ] || { sed -n 2,22p "$0"; exit 2; }
+[ "${STAGES[0]}" = unpack ] || STAGES=(unpack "${STAGES[@]}")
+say "stages: ${STAGES[*]}  (budget $CALL_BUDGET s, OUT=$OUT, STUDY=$STUDY)"
+for s in "${STAGES[@]}"; do "stage_$s"; done
+say "done in $((SECONDS - T0)) s"
