@@ -172,3 +172,13 @@ def test_missing_spec_file_is_named(tmp_path, capsys):
     assert orchestrate(["sweep", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
     assert "sweep spec not found" in err and "nope.yaml" in err
+
+
+def test_a_trial_can_run_as_a_torchrun_child_inside_its_ray_actor(tmp_path):
+    """The path of multi-GPU trials: torchrun in the Tune actor, its reports relayed to Tune (1 CPU process here)."""
+    base = yaml.safe_load(smoke_spec(tmp_path).read_text())["base"]
+    spec = smoke_spec(tmp_path, space={"optim.lr": [0.1]}, launcher="torchrun", base=base)
+    output = finish(sweep(tmp_path, spec))
+    (run,) = trial_runs(tmp_path, "smoke")
+    assert run.info.status == "FINISHED" and run.data.tags["backend"] == "ray", output[-2000:]
+    assert "finished" in output and "epoch=5" in output  # the child's final report reached the view
