@@ -301,3 +301,11 @@ def test_deepspeed_launcher_runs_the_worker_built_by_the_launch_module(tmp_path,
                                  deepspeed=str(BIN / "deepspeed"))[:-1]  # run_distributed appends the config
     got = run_distributed(tmp_path, "ds-launcher", [launcher], ds_cfg)
     assert_same_curve(got, want, **DDP_TOLERANCE)
+
+
+def test_train_keys_lists_every_config_key_with_its_default(capsys):
+    from orchestrator.cli import main as orchestrate
+    assert orchestrate(["train", "--keys"]) == 0
+    out = capsys.readouterr().out
+    for key in ("optim.lr", "schedule.warmup.until_train_error", "data.val_split", "dist.zero_stage"):
+        assert key in out, key

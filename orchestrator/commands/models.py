@@ -9,19 +9,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def model_rows(pattern: str = "*") -> list[dict]:
+    import torch
     from resnet_core.models import count_multiply_adds, count_parameters, create_model, list_models
     rows = []
     for name in list_models(pattern):
-        with _on_meta_device():  # builds without allocating: resnet1202 and friends count instantly
+        with torch.device("meta"):  # builds without allocating: resnet1202 and friends count instantly
             model = create_model(name)
         rows.append(dict(name=name, depth=model.depth, input=model.input_size,
                          params=count_parameters(model), macs=count_multiply_adds(model)))
     return rows
-
-
-def _on_meta_device():
-    import torch
-    return torch.device("meta")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -9,9 +9,21 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. optim.lr=0.05 model.depth=56")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and its trial key, train nothing")
+    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.keys:
+        from rich.console import Console
+        from rich.table import Table
+        from resnet_core.config import field_docs
+        table = Table(title="trial config keys (set in YAML or with --set key=value)")
+        for column in ("key", "default", "meaning"):
+            table.add_column(column)
+        for row in field_docs():
+            table.add_row(*row)
+        Console().print(table)
+        return 0
     if args.print_config:
         import yaml
         from resnet_core.config import load_config, trial_key
