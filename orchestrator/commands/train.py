@@ -18,8 +18,9 @@ def run(args: argparse.Namespace) -> int:
         from rich.table import Table
         from resnet_core.config import field_docs
         table = Table(title="trial config keys (set in YAML or with --set key=value)")
-        for column in ("key", "default", "meaning"):
-            table.add_column(column)
+        table.add_column("key", no_wrap=True)  # keys are copied into --set: never broken across lines
+        table.add_column("default")
+        table.add_column("meaning")
         for row in field_docs():
             table.add_row(*row)
         Console().print(table)
