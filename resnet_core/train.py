@@ -37,6 +37,7 @@ from .tracking import Tracker, environment_tags, flatten
 Report = Callable[[dict[str, Any]], None]
 # A launcher that runs the worker as a child process (torchrun inside a Ray trial) reads reports from this file.
 REPORT_FILE_ENV = "RESNET_REPORT_FILE"
+STOP_CHECK_EVERY = 10  # iterations between the ranks' agreement on a stop signal (SLURM gives ~60 s of warning)
 
 
 class Diverged(RuntimeError):
@@ -141,7 +142,9 @@ class Trainer:
                     started = time.perf_counter()
                 if self.iteration % self.cfg.checkpoint.every == 0:
                     self.save_checkpoint()
-                if distributed.any_rank(self.stop_requested, self.env, self.device):
+                # Several ranks agree on stopping with an all-reduce, a host sync: every STOP_CHECK_EVERY steps only.
+                if (not self.env.enabled or self.iteration % STOP_CHECK_EVERY == 0) and \
+                        distributed.any_rank(self.stop_requested, self.env, self.device):
                     self.save_checkpoint()
                     raise Interrupted(f"stopped at iteration {self.iteration}")
                 if self.iteration >= total:
