@@ -196,16 +196,9 @@ class Trainer:
 
     # -- tracking -----------------------------------------------------------------------------------------
     def start_tracking(self, run_id: str | None) -> None:
-        if not (self.env.is_main and self.cfg.tracking.enabled):
-            return
-        t = self.cfg.tracking
-        self.tracker = Tracker(t.uri, t.experiment)
-        run_id = run_id or self.tracker.find_run(self.key)
-        tags = {**environment_tags(self.env.world_size), "trial_key": self.key, **t.tags}
-        params = flatten(self.cfg.model_dump(mode="json"))
-        self.run_id = self.tracker.start(run_id, t.run_name or f"{self.cfg.model.name}-{self.key[:8]}", params, tags)
-        if self.rejected_checkpoints:  # the event a user must see: a corrupt checkpoint was skipped
-            self.tracker.set_tags({"checkpoint_rejected": ",".join(self.rejected_checkpoints)})
+        if self.env.is_main and self.cfg.tracking.enabled:
+            self.tracker, self.run_id = open_run(self.cfg, self.key, run_id, self.env.world_size,
+                                                 self.rejected_checkpoints)
 
     def log(self, metrics: dict[str, float]) -> None:
         if self.tracker:
@@ -239,22 +232,15 @@ class Trainer:
             self.tracker.flush()
         if not self.env.is_main:
             return
-        state = {"iteration": self.iteration, "warmup_ended": self.warmup_ended,
-                 "best_val_error": self.best_val_error, "step": self.step.state_dict(),
-                 "run_id": self.run_id, "trial_key": self.key,
-                 "window": self.window.cpu(), "rng_cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            state["rng_cuda"] = torch.cuda.get_rng_state()
+        state = trial_state(self.iteration, self.warmup_ended, self.best_val_error, self.step.state_dict(),
+                            self.run_id, self.key, self.window, self.device)
         checkpoint.save(self.folder, self.iteration, state, self.cfg.checkpoint.keep)
 
     def install_signal_handlers(self) -> Callable[[], None]:
-        """SIGTERM/SIGUSR1 ask for a checkpoint and a clean stop at the next step boundary."""
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None  # e.g. inside a Ray Tune trial thread: Ray stops trials its own way
-        def request_stop(signum, _frame):
-            self.stop_requested = True
-        previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+        return install_stop_handlers(self.request_stop)
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
 
     # -- the end ------------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
@@ -278,18 +264,55 @@ class Trainer:
                 "iteration": self.iteration, "reason": reason}
 
     def log_artifacts(self) -> None:
-        """The resolved config, the final weights (loadable with weights_only=True) and every metric point."""
-        self.tracker.flush()
-        with tempfile.TemporaryDirectory() as tmp:
-            tmp = Path(tmp)
-            (tmp / "config.yaml").write_text(yaml.safe_dump(self.cfg.model_dump(mode="json"), sort_keys=False))
-            torch.save({"model_name": self.cfg.model.name, "model_overrides": self.cfg.model.overrides(),
-                        "num_classes": self.train_loader.num_classes,
-                        "state_dict": {k: v.cpu() for k, v in self.step.eval_model().state_dict().items()}},
-                       tmp / "model.pt")
-            self.tracker.write_metrics_csv(tmp / "metrics.csv")
-            for name in ("config.yaml", "model.pt", "metrics.csv"):
-                self.tracker.log_artifact(tmp / name)
+        log_trial_artifacts(self.tracker, self.cfg, self.step.eval_model().state_dict(), self.train_loader.num_classes)
+
+
+def install_stop_handlers(request_stop: Callable[[], None]) -> Callable[[], None]:
+    """SIGTERM/SIGUSR1 ask for a checkpoint and a clean stop at the next step boundary; returns the undo."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None  # e.g. inside a Ray Tune trial thread: Ray stops trials its own way
+    previous = {s: signal.signal(s, lambda signum, frame: request_stop()) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def trial_state(iteration: int, warmup_ended: bool, best_val_error: float, step_state: dict, run_id: str | None,
+                key: str, window: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """A trial's checkpoint: everything an exact resume needs (fused members write the same format)."""
+    state = {"iteration": iteration, "warmup_ended": warmup_ended, "best_val_error": best_val_error,
+             "step": step_state, "run_id": run_id, "trial_key": key, "window": window.cpu(),
+             "rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
+             rejected_checkpoints: list[str]) -> tuple[Tracker, str]:
+    """Start (or continue: the checkpoint's run id, else the run tagged with this trial key) the trial's MLflow run."""
+    t = cfg.tracking
+    tracker = Tracker(t.uri, t.experiment)
+    run_id = run_id or tracker.find_run(key)
+    tags = {**environment_tags(world_size), "trial_key": key, **t.tags}
+    params = flatten(cfg.model_dump(mode="json"))
+    run_id = tracker.start(run_id, t.run_name or f"{cfg.model.name}-{key[:8]}", params, tags)
+    if rejected_checkpoints:  # the event a user must see: a corrupt checkpoint was skipped
+        tracker.set_tags({"checkpoint_rejected": ",".join(rejected_checkpoints)})
+    return tracker, run_id
+
+
+def log_trial_artifacts(tracker: Tracker, cfg: TrainConfig, state_dict: dict[str, torch.Tensor],
+                        num_classes: int) -> None:
+    """The resolved config, the final weights (loadable with weights_only=True) and every metric point."""
+    tracker.flush()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        torch.save({"model_name": cfg.model.name, "model_overrides": cfg.model.overrides(),
+                    "num_classes": num_classes, "state_dict": {k: v.cpu() for k, v in state_dict.items()}},
+                   tmp / "model.pt")
+        tracker.write_metrics_csv(tmp / "metrics.csv")
+        for name in ("config.yaml", "model.pt", "metrics.csv"):
+            tracker.log_artifact(tmp / name)
 
 
 def report_to_file(path: str) -> Report:

@@ -1,0 +1,506 @@
+"""Horizontally fused trials (HFTA, Wang et al., MLSys 2021): K trials of one architecture that differ only in
+learning rate, weight decay or seed, trained as one model in one process.
+
+The members' parameters are stacked ([K, ...] per tensor) in one flat buffer, and ``torch.func.vmap`` runs the
+architecture over the stack: every convolution becomes one grouped convolution over the K members and every
+other op one op over K, so a step launches the kernels of one trial, not K times as many. The SGD update of all
+members is a handful of elementwise ops on the flat buffer, with each member's lr and weight decay in a device
+tensor (so a CUDA graph of the whole step needs no re-capture when the schedule moves).
+
+Each member stays its own trial: its own initial weights and data order (its seed), momentum, lr schedule and
+warm-up, divergence guard, MLflow run and checkpoint folder. Its checkpoints are in the single trial's format, so
+a member resumes fused or alone, and to the rest of the system it is the same trial either way.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from . import checkpoint
+from .config import NON_RESULT_FIELDS, ConfigError, TrainConfig, build_config, trial_key
+from .data import build_loader
+from .distributed import DistEnv
+from .models import create_model
+from .schedule import LRSchedule
+from .steps import AUTOCAST_DTYPES, resolve_precision, resolve_step, sgd
+from .tracking import Tracker
+from .train import Interrupted, Report, install_stop_handlers, log_trial_artifacts, open_run, pick_device, trial_state
+
+# What may differ between the members of one fused group: everything else must be equal.
+FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
+
+
+def _without_fusable(cfg: TrainConfig) -> dict[str, Any]:
+    payload = cfg.model_dump(mode="json", exclude=NON_RESULT_FIELDS)
+    payload.pop("seed")
+    payload["optim"].pop("lr")
+    payload["optim"].pop("weight_decay")
+    return payload
+
+
+def fusion_key(cfg: TrainConfig) -> str:
+    """Trials with the same fusion key can be trained as one fused model."""
+    return hashlib.sha256(json.dumps(_without_fusable(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _first_difference(a: Any, b: Any, prefix: str = "") -> str:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{prefix}{key}.")
+    return prefix.rstrip(".")
+
+
+def check_fusable(cfgs: list[TrainConfig], device: torch.device | None = None) -> None:
+    """One-line ConfigError naming the key that stops these configs from training as one fused model."""
+    if not cfgs:
+        raise ConfigError("fuse: no trials to fuse")
+    first = _without_fusable(cfgs[0])
+    for cfg in cfgs[1:]:
+        other = _without_fusable(cfg)
+        if other != first:
+            raise ConfigError(f"fuse: trials differ in {_first_difference(first, other)}; fused trials may differ "
+                              f"only in {', '.join(FUSABLE_KEYS)}")
+    cfg = cfgs[0]
+    if cfg.dist.engine != "ddp":
+        raise ConfigError("dist.engine: fused trials train in one process without DeepSpeed; use ddp (the default)")
+    if cfg.step == "compile":
+        raise ConfigError("step: fused trials run eager or as one CUDA graph (graph/auto), not compile")
+    if device is not None and resolve_precision(cfg, device) == "fp16":
+        raise ConfigError("precision: fp16 needs loss scaling; fused trials use bf16 or fp32")
+
+
+class StackedSGD:
+    """torch.optim.SGD's update (momentum, dampening 0, optional Nesterov) for K stacked members at once, each
+    with its own lr and weight decay: elementwise ops over the flat parameter buffer, no per-tensor loop."""
+
+    def __init__(self, flat: torch.Tensor, grad: torch.Tensor, member_of: torch.Tensor, momentum: float,
+                 nesterov: bool, weight_decay: list[float], grad_clip: float | None):
+        self.flat, self.grad, self.member_of = flat, grad, member_of
+        self.momentum, self.nesterov, self.grad_clip = momentum, nesterov, grad_clip
+        self.members = len(weight_decay)
+        self.lr = torch.zeros(self.members, device=flat.device)
+        self.weight_decay = torch.tensor(weight_decay, device=flat.device)
+        self.momentum_buffer = torch.zeros_like(flat)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        grad = self.grad
+        if self.grad_clip:  # each member's own global norm, as clip_grad_norm_ on that trial alone
+            norms = torch.zeros(self.members, device=grad.device).index_add_(0, self.member_of, grad * grad).sqrt()
+            grad = grad * (self.grad_clip / (norms + 1e-6)).clamp(max=1.0)[self.member_of]
+        d_p = torch.addcmul(grad, self.weight_decay[self.member_of], self.flat)
+        self.momentum_buffer.mul_(self.momentum).add_(d_p)
+        d_p = d_p.add(self.momentum_buffer, alpha=self.momentum) if self.nesterov else self.momentum_buffer
+        self.flat.addcmul_(self.lr[self.member_of], d_p, value=-1.0)
+
+
+class FusedModel:
+    """K models of one architecture as stacked tensors; calling it runs all K on [K, B, ...] (or one shared
+    [B, ...]) input and returns [K, B, classes]."""
+
+    def __init__(self, models: list[nn.Module], device: torch.device):
+        self.members = len(models)
+        self.template = models[0]
+        self.param_names = [name for name, _ in models[0].named_parameters()]
+        self.state_keys = list(models[0].state_dict())
+        params, buffers = stack_module_state(models)
+        sizes = [params[name].numel() for name in self.param_names]
+        self.flat = torch.empty(sum(sizes), device=device)
+        self.grad = torch.zeros_like(self.flat)
+        member_of, self.params, offset = [], {}, 0
+        for name, size in zip(self.param_names, sizes):
+            stacked = params[name]
+            view = self.flat[offset:offset + size].view(stacked.shape)
+            with torch.no_grad():
+                view.copy_(stacked)
+            view.requires_grad_()
+            # Backward accumulates into an existing .grad in place: every gradient lands in the flat buffer.
+            view.grad = self.grad[offset:offset + size].view(stacked.shape)
+            self.params[name] = view
+            member_of.append(torch.arange(self.members, device=device).repeat_interleave(size // self.members))
+            offset += size
+        self.member_of = torch.cat(member_of)
+        self.buffers = {name: value.to(device) for name, value in buffers.items()}
+        self.base = copy.deepcopy(models[0]).to("meta")  # the architecture only: functional_call supplies tensors
+
+    def _forward(self, params: dict, buffers: dict, images: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.base, (params, buffers), (images,))
+
+    def __call__(self, images: torch.Tensor, shared_input: bool) -> torch.Tensor:
+        return vmap(self._forward, in_dims=(0, 0, None if shared_input else 0))(self.params, self.buffers, images)
+
+    def train(self, mode: bool = True) -> None:
+        self.base.train(mode)
+
+    def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
+        tensors = {**self.params, **self.buffers}
+        return {key: tensors[key][k].detach().clone() for key in self.state_keys}
+
+    @torch.no_grad()
+    def load_member_state_dict(self, k: int, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.state_keys) - set(state)
+        if missing:
+            raise checkpoint.CheckpointError(f"member checkpoint lacks {sorted(missing)[0]} (another architecture?)")
+        tensors = {**self.params, **self.buffers}
+        for key in self.state_keys:
+            tensors[key][k].copy_(state[key])
+
+    def member_parameters(self, k: int) -> list[torch.Tensor]:
+        return [self.params[name][k] for name in self.param_names]
+
+
+class FusedStep:
+    """One training step of all members: eager, or (``graph=True``, CUDA) captured once in a CUDA graph."""
+
+    def __init__(self, cfgs: list[TrainConfig], model: FusedModel, device: torch.device, graph: bool):
+        self.cfgs, self.model, self.device, self.graph_mode = cfgs, model, device, graph
+        o = cfgs[0].optim
+        self.precision = resolve_precision(cfgs[0], device)
+        self.optimizer = StackedSGD(model.flat, model.grad, model.member_of, o.momentum, o.nesterov,
+                                    [c.optim.weight_decay for c in cfgs], o.grad_clip)
+        self.alive = torch.ones(model.members, dtype=torch.bool, device=device)
+        self._lrs: tuple[float, ...] | None = None
+        self.graph: torch.cuda.CUDAGraph | None = None
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+
+    def set_lrs(self, lrs: tuple[float, ...]) -> None:
+        if lrs != self._lrs:  # a host-to-device copy only when the schedule moves
+            self.optimizer.lr.copy_(torch.tensor(lrs))
+            self._lrs = lrs
+
+    def forward_backward(self, images: torch.Tensor, labels: torch.Tensor, shared: bool) -> torch.Tensor:
+        k = self.model.members
+        with self.autocast():
+            logits = self.model(images, shared)
+        logits = logits.float()
+        labels = labels.expand(k, -1) if shared else labels
+        per_image = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view(k, -1)
+        losses = per_image.mean(1)
+        # Each member's gradient is that of its own mean loss; a diverged member (NaN) is left out of the sum.
+        torch.where(self.alive, losses, torch.zeros_like(losses)).sum().backward()
+        n = labels.shape[1]
+        errors = (logits.detach().argmax(2) != labels).sum(1).float()
+        return torch.stack([losses.detach() * n, errors, torch.full_like(errors, float(n))], dim=1)  # [K, 3]
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, lrs: tuple[float, ...], shared: bool) -> torch.Tensor:
+        self.set_lrs(lrs)
+        if not self.graph_mode:
+            self.model.grad.zero_()
+            stats = self.forward_backward(images, labels, shared)
+            self.optimizer.step()
+            return stats
+        if self.graph is None:
+            self.capture(images, labels, shared)
+        self.static_images.copy_(images, non_blocking=True)
+        self.static_labels.copy_(labels, non_blocking=True)
+        self.graph.replay()
+        return self.static_stats.clone()
+
+    def capture(self, images: torch.Tensor, labels: torch.Tensor, shared: bool) -> None:
+        """As GraphStep: warm up on a side stream, capture, then undo the warm-up's updates."""
+        self.static_images, self.static_labels = images.clone(), labels.clone()
+        saved_flat = self.model.flat.detach().clone()
+        saved_buffers = {k: v.clone() for k, v in self.model.buffers.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.model.grad.zero_()
+                self.forward_backward(self.static_images, self.static_labels, shared)
+                self.optimizer.step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.model.grad.zero_()
+            self.static_stats = self.forward_backward(self.static_images, self.static_labels, shared)
+            self.optimizer.step()
+        with torch.no_grad():
+            self.model.flat.copy_(saved_flat)
+            for key, value in self.model.buffers.items():
+                value.copy_(saved_buffers[key])
+            self.optimizer.momentum_buffer.zero_()
+
+    # -- a member's state in the single trial's format (EagerStep.state_dict) --------------------------------
+    def member_state(self, k: int) -> dict[str, Any]:
+        cfg = self.cfgs[k]
+        params = [torch.zeros(1, requires_grad=True)]
+        groups = sgd(cfg, params, self._lrs[k] if self._lrs else cfg.optim.lr).state_dict()["param_groups"]
+        groups[0]["params"] = list(range(len(self.model.param_names)))
+        buffers = self.member_views(self.optimizer.momentum_buffer, k)
+        return {"model": self.model.member_state_dict(k),
+                "optimizer": {"state": {i: {"momentum_buffer": b.clone()} for i, b in enumerate(buffers)},
+                              "param_groups": groups}}
+
+    def load_member_state(self, k: int, state: dict[str, Any]) -> None:
+        self.model.load_member_state_dict(k, state["model"])
+        saved = state["optimizer"]["state"]
+        with torch.no_grad():
+            for i, view in enumerate(self.member_views(self.optimizer.momentum_buffer, k)):
+                buffer = saved.get(i, {}).get("momentum_buffer")
+                view.copy_(buffer) if buffer is not None else view.zero_()
+
+    def member_views(self, flat: torch.Tensor, k: int) -> list[torch.Tensor]:
+        """Member k's slices of a tensor laid out like the flat parameter buffer."""
+        views, offset = [], 0
+        for name in self.model.param_names:
+            stacked = self.model.params[name]
+            size = stacked.numel()
+            views.append(flat[offset:offset + size].view(stacked.shape)[k])
+            offset += size
+        return views
+
+
+@dataclass
+class Member:
+    """The bookkeeping of one trial inside a fused group."""
+    index: int
+    cfg: TrainConfig
+    key: str
+    schedule: LRSchedule
+    loader: int                      # index of its train loader (members with one seed share one)
+    tracker: Tracker | None = None
+    run_id: str | None = None
+    warmup_ended: bool = False
+    best_val_error: float = math.inf
+    failed: str | None = None        # the reason, once it diverged
+    rejected: list[str] = field(default_factory=list)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.checkpoint.root) / self.key
+
+
+class FusedTrainer:
+    def __init__(self, cfgs: list[TrainConfig], device: torch.device, report: Report | None):
+        self.cfgs, self.device, self.report = cfgs, device, report
+        seeds = list(dict.fromkeys(c.seed for c in cfgs))
+        data, batch = cfgs[0].data, cfgs[0].batch_size
+        self.train_loaders = [build_loader(data, "train", batch, device, 0, 1, seed) for seed in seeds]
+        self.eval_loaders = {split: build_loader(data, split, cfgs[0].eval.batch_size, device, 0, 1, seeds[0])
+                             for split in (("val", "test") if data.val_split else ("test",))}
+        models = []
+        for cfg in cfgs:
+            torch.manual_seed(cfg.seed)  # the same initial weights as the trial alone
+            models.append(create_model(cfg.model.name, num_classes=self.train_loaders[0].num_classes,
+                                       **cfg.model.overrides()))
+        self.model = FusedModel(models, device)
+        del models
+        steps_per_epoch = len(self.train_loaders[0])
+        self.members = [Member(k, cfg, trial_key(cfg), LRSchedule(cfg.schedule, cfg.optim.lr, steps_per_epoch),
+                               seeds.index(cfg.seed)) for k, cfg in enumerate(cfgs)]
+        self.step = FusedStep(cfgs, self.model, device, graph=resolve_step(cfgs[0], device) == "graph")
+        self.iteration = 0
+        self.window = torch.zeros(len(cfgs), 3, device=device)
+        self.stop_requested = False
+        self.log_every, self.checkpoint_every = cfgs[0].tracking.log_every, cfgs[0].checkpoint.every
+
+    # -- the loop -----------------------------------------------------------------------------------------
+    def run(self) -> list[dict[str, Any]]:
+        self.resume()
+        for m in self.members:
+            if m.cfg.tracking.enabled:
+                m.tracker, m.run_id = open_run(m.cfg, m.key, m.run_id, 1, m.rejected)
+        restore = install_stop_handlers(self.request_stop)
+        try:
+            self.loop()
+            final = self.evaluate_all()
+            self.save_checkpoints()
+            return [self.result(m) if m.failed else self.finish(m, final[m.index]) for m in self.members]
+        except Interrupted:
+            self.end_all("KILLED", "interrupted by a signal; checkpoint written")
+            raise
+        except (SystemExit, KeyboardInterrupt):
+            for m in self.members:  # as Trainer: keep the points, leave the status to our owner
+                if m.tracker:
+                    m.tracker.flush()
+            raise
+        except BaseException as err:
+            self.end_all("FAILED", f"{type(err).__name__}: {err}"[:5000])
+            raise
+        finally:
+            restore()
+
+    def loop(self) -> None:
+        loader = self.train_loaders[0]
+        steps_per_epoch, total = len(loader), self.members[0].schedule.total
+        shared = len(self.train_loaders) == 1
+        index = torch.tensor([m.loader for m in self.members], device=self.device)
+        while self.iteration < total and self.alive():
+            epoch, start = divmod(self.iteration, steps_per_epoch)
+            started = time.perf_counter()
+            for batches in zip(*(l.iterate(epoch, start) for l in self.train_loaders)):
+                if shared:
+                    images, labels = batches[0]
+                else:  # each member its own seed's batch: [K, B, ...]
+                    images = torch.stack([b[0] for b in batches]).index_select(0, index)
+                    labels = torch.stack([b[1] for b in batches]).index_select(0, index)
+                lrs = tuple(0.0 if m.failed else m.schedule(self.iteration, m.warmup_ended) for m in self.members)
+                self.window += self.step(images, labels, lrs, shared)
+                self.iteration += 1
+                if self.iteration % self.log_every == 0 or self.iteration == total:
+                    self.log_train(lrs, started)
+                    started = time.perf_counter()
+                if self.iteration % self.checkpoint_every == 0:
+                    self.save_checkpoints()
+                if self.stop_requested:  # one process: no ranks to agree with, check every step
+                    self.save_checkpoints()
+                    raise Interrupted(f"stopped at iteration {self.iteration}")
+                if self.iteration >= total or not self.alive():
+                    break
+            if self.iteration % steps_per_epoch == 0 and (self.iteration // steps_per_epoch) % \
+                    self.cfgs[0].eval.every_epochs == 0 and self.iteration < total:
+                self.log_eval(self.evaluate_all(), epoch + 1)
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+    def alive(self) -> bool:
+        return any(not m.failed for m in self.members)
+
+    def log_train(self, lrs: tuple[float, ...], started: float) -> None:
+        seconds = time.perf_counter() - started
+        for m, (loss_sum, errors, images) in zip(self.members, self.window.tolist()):
+            if m.failed:
+                continue
+            loss, error = loss_sum / max(images, 1), errors / max(images, 1)
+            if not math.isfinite(loss):
+                self.fail(m, f"loss is {loss} at iteration {self.iteration} (lr {lrs[m.index]:g})")
+                continue
+            until = m.cfg.schedule.warmup.until_train_error
+            if until and error < until:
+                m.warmup_ended = True
+            self.log(m, {"train_loss": loss, "train_error": error, "lr": lrs[m.index],
+                         "images_per_s": images / seconds if seconds > 0 else 0.0})
+        self.window.zero_()
+
+    # -- evaluation: every member on the same images ------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str) -> list[tuple[float, float]]:
+        self.model.train(False)
+        sums = torch.zeros(len(self.members), 3, device=self.device)
+        for images, labels in self.eval_loaders[split].iterate(0):
+            with self.step.autocast():
+                logits = self.model(images, shared_input=True).float()
+            labels_k = labels.expand(len(self.members), -1)
+            loss = F.cross_entropy(logits.flatten(0, 1), labels_k.flatten(), reduction="none").view_as(labels_k)
+            errors = (logits.argmax(2) != labels_k).sum(1).float()
+            sums += torch.stack([loss.sum(1), errors, torch.full_like(errors, float(labels.numel()))], dim=1)
+        self.model.train(True)
+        return [(s / max(n, 1), e / max(n, 1)) for s, e, n in sums.tolist()]
+
+    def evaluate_all(self) -> list[dict[str, float]]:
+        metrics = [{} for _ in self.members]
+        for split in self.eval_loaders:
+            for m, (loss, error) in zip(self.members, self.evaluate(split)):
+                metrics[m.index][f"{split}_loss"], metrics[m.index][f"{split}_error"] = loss, error
+        for m in self.members:
+            if "val_error" in metrics[m.index]:
+                m.best_val_error = min(m.best_val_error, metrics[m.index]["val_error"])
+        return metrics
+
+    def log_eval(self, metrics: list[dict[str, float]], epoch: int) -> None:
+        for m in self.members:
+            if m.failed:
+                continue
+            self.log(m, {**metrics[m.index], "epoch": epoch})
+            if self.report:
+                self.report({**metrics[m.index], "iteration": self.iteration, "epoch": epoch, "trial_key": m.key,
+                             "run_id": m.run_id})
+
+    def log(self, m: Member, metrics: dict[str, float]) -> None:
+        if m.tracker:
+            m.tracker.log_metrics(metrics, self.iteration)
+
+    # -- checkpoints: one per member, in its own trial folder ---------------------------------------------
+    def resume(self) -> None:
+        if not self.cfgs[0].checkpoint.resume:
+            return
+        states = []
+        for m in self.members:
+            state, m.rejected = checkpoint.load_latest(m.folder, map_location=self.device)
+            states.append(state)
+        iterations = {s["iteration"] if s else 0 for s in states}
+        if len(iterations) > 1:
+            raise checkpoint.CheckpointError(
+                f"fused trials {', '.join(m.key for m in self.members)} have checkpoints at different iterations "
+                f"({sorted(iterations)}); fused members step together: run them with fuse: 1 to finish them")
+        for m, state in zip(self.members, states):
+            if state is None:
+                continue
+            self.step.load_member_state(m.index, state["step"])
+            self.iteration, m.warmup_ended = state["iteration"], state["warmup_ended"]
+            m.best_val_error, m.run_id = state["best_val_error"], state["run_id"]
+            self.window[m.index].copy_(state["window"].to(self.device))
+            torch.set_rng_state(state["rng_cpu"])
+            if self.device.type == "cuda" and "rng_cuda" in state:
+                torch.cuda.set_rng_state(state["rng_cuda"])
+
+    def save_checkpoints(self) -> None:
+        for m in self.members:
+            if m.tracker:
+                m.tracker.flush()
+        for m in self.members:
+            if not m.failed:
+                state = trial_state(self.iteration, m.warmup_ended, m.best_val_error, self.step.member_state(m.index),
+                                    m.run_id, m.key, self.window[m.index], self.device)
+                checkpoint.save(m.folder, self.iteration, state, m.cfg.checkpoint.keep)
+
+    # -- the end ------------------------------------------------------------------------------------------
+    def finish(self, m: Member, final: dict[str, float]) -> dict[str, Any]:
+        epoch = math.ceil(self.iteration / len(self.train_loaders[0]))
+        metrics = {**final, "epoch": epoch}
+        if "val_error" in metrics:
+            metrics["best_val_error"] = m.best_val_error
+            self.log(m, {"best_val_error": m.best_val_error})
+        self.log(m, {k: v for k, v in metrics.items() if k != "best_val_error"})
+        if self.report:
+            self.report({**metrics, "iteration": self.iteration, "trial_key": m.key, "run_id": m.run_id})
+        if m.tracker:
+            log_trial_artifacts(m.tracker, m.cfg, self.model.member_state_dict(m.index),
+                                self.train_loaders[0].num_classes)
+            m.tracker.end("FINISHED", {"status_reason": "finished", "fused_group": self.group_label()})
+        return {"status": "FINISHED", "trial_key": m.key, "run_id": m.run_id, "iteration": self.iteration, **metrics}
+
+    def fail(self, m: Member, reason: str) -> None:
+        """A diverged member stops (lr 0, left out of the loss); the others train on."""
+        m.failed = reason
+        self.step.alive[m.index] = False
+        if m.tracker:
+            m.tracker.end("FAILED", {"status_reason": reason})
+
+    def result(self, m: Member) -> dict[str, Any]:
+        return {"status": "FAILED", "trial_key": m.key, "run_id": m.run_id, "iteration": self.iteration,
+                "reason": m.failed}
+
+    def end_all(self, status: str, reason: str) -> None:
+        for m in self.members:
+            if m.tracker and not m.failed:
+                m.tracker.end(status, {"status_reason": reason})
+
+    def group_label(self) -> str:
+        return ",".join(m.key[:8] for m in self.members)
+
+
+def train_fused(cfgs: list[TrainConfig | dict], report: Report | None = None) -> list[dict[str, Any]]:
+    """Train several trials as one fused model; returns each member's ``train()`` result, in order."""
+    cfgs = [c if isinstance(c, TrainConfig) else build_config(c) for c in cfgs]
+    device = pick_device(cfgs[0], DistEnv())
+    check_fusable(cfgs, device)
+    return FusedTrainer(cfgs, device, report).run()
