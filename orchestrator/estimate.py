@@ -14,6 +14,10 @@ from resnet_core.config import TrainConfig
 MEASURED_H100_GRAPH = {40.6e6: 63_800, 125.5e6: 23_300, 252.9e6: 12_000}  # ResNet-20, -56, -110
 EAGER_SLOWDOWN = 63_800 / 11_000  # eager PyTorch ResNet-20 vs one CUDA graph, same GPU
 CIFAR_TRAIN_IMAGES = 50_000
+# Per GPU process, beyond what PyTorch allocates: the CUDA context, cuDNN/cuBLAS handles and workspaces. A
+# conservative figure until measured (scripts/device/bench_train.py prints est_mem_gb beside peak_mem_gb).
+CUDA_CONTEXT_BYTES = int(0.75 * 2**30)
+DEFAULT_GPU_MEMORY_GB = 80.0  # an H100, the GPU this project targets, when neither the spec nor this machine says
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,3 +60,30 @@ def gpu_hours(cfg: TrainConfig) -> float:
     macs = model_multiply_adds(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))
     graph = cfg.step in ("auto", "graph")
     return train_images(cfg) / images_per_second(macs, graph) / 3600
+
+
+@functools.lru_cache(maxsize=None)
+def _model_training_bytes(name: str, overrides: tuple, batch_size: int) -> int:
+    import torch
+    from resnet_core.models import create_model
+    from resnet_core.models.memory import training_memory_bytes
+    with torch.device("meta"):
+        return training_memory_bytes(create_model(name, **dict(overrides)), batch_size)
+
+
+def trial_gpu_memory_bytes(cfg: TrainConfig, members: int = 1, ranks: int = 1) -> int:
+    """Peak GPU memory of one trial's process (or one fused group of ``members``): weights, gradients, momentum
+    and saved activations counted at fp32 on the meta device (an upper bound for bf16), plus the CUDA context."""
+    batch = max(1, cfg.batch_size // ranks)
+    per_member = _model_training_bytes(cfg.model.name, tuple(sorted(cfg.model.overrides().items())), batch)
+    return members * per_member + CUDA_CONTEXT_BYTES
+
+
+def gpu_memory_gb(configured: float | None) -> tuple[float, str]:
+    """The memory of one GPU and where the figure came from."""
+    if configured:
+        return configured, "resources.gpu_memory_gb"
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30, torch.cuda.get_device_name(0)
+    return DEFAULT_GPU_MEMORY_GB, "default (H100 80GB)"

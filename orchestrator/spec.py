@@ -54,6 +54,8 @@ class Resources(Strict):
     nodes: int = Field(1, ge=1, description="nodes per trial (SLURM: srun + torchrun/DeepSpeed rendezvous)")
     time_limit: str = Field("01:00:00", description="wall-time limit of one trial, HH:MM:SS (SLURM --time)")
     memory_gb: float | None = Field(None, gt=0, description="host memory per node (SLURM --mem)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU, for the packing check "
+                                        "(default: this machine's GPU, else 80)")
 
     @field_validator("time_limit")
     @classmethod
@@ -87,6 +89,9 @@ class SweepSpec(Strict):
     scheduler: SchedulerConfig = SchedulerConfig()
     resources: Resources = Resources()
     max_concurrent: int | None = Field(None, ge=1, description="trials running at once (default: as resources allow)")
+    fuse: int = Field(1, ge=1, description="up to this many trials that differ only in seed, optim.lr or "
+                      "optim.weight_decay train as one horizontally fused model (one process, the resources of "
+                      "one trial); 1: off")
     backend: Literal["ray", "slurm"] = "ray"
     launcher: Literal["auto", "python", "torchrun", "deepspeed"] = Field(
         "auto", description="auto: python for one process, torchrun for several, deepspeed for dist.engine=deepspeed")
@@ -120,6 +125,15 @@ class SweepSpec(Strict):
         if self.resources.nodes > 1 and self.backend == "ray":
             raise ValueError("resources.nodes: multi-node trials run on the slurm backend; ray packs trials "
                              "onto single nodes")
+        if self.fuse > 1:
+            if self.backend != "ray":
+                raise ValueError("fuse: fused trials run on the ray backend; on slurm use fuse: 1 (a job per trial)")
+            if self.scheduler.asha:
+                raise ValueError("fuse: fused trials train and stop together; ASHA stops single trials (use one "
+                                 "or the other)")
+            if self.resources.workers_per_node > 1 or self.launcher not in ("auto", "python"):
+                raise ValueError("fuse: a fused group trains in one process on one device (resources.gpus <= 1, "
+                                 "launcher auto or python)")
         if self.scheduler.asha and self.search == "grid" and not self.space:
             raise ValueError("scheduler.asha: early stopping needs several trials (space is empty)")
         return self

@@ -11,7 +11,7 @@ from .estimate import gpu_hours
 from .ledger import DONE, Ledger
 from .progress import SweepProgress
 from .spec import load_cluster_profile, load_spec
-from .trials import SweepContext, Trial, expand
+from .trials import FusedGroup, SweepContext, Trial, check_gpu_memory, expand, fuse, gpu_memory_plan
 
 
 def absolute_uri(uri: str) -> str:
@@ -31,7 +31,10 @@ def prepare(spec_path: str, address: str | None = None, **overrides) -> tuple[Sw
                        cluster=load_cluster_profile(spec, path))
     if address:
         ctx.cluster.setdefault("ray", {})["address"] = address
-    return ctx, expand(ctx)
+    trials = expand(ctx)
+    # Before anything is submitted or logged: groups that cannot fuse, packings that cannot fit a GPU.
+    check_gpu_memory(ctx, fuse(ctx, trials))
+    return ctx, trials
 
 
 def store_exists(uri: str) -> bool:
@@ -47,14 +50,26 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
     r = ctx.spec.resources
     lines = [f"sweep {ctx.spec.name!r}: {len(trials)} trials on backend {ctx.spec.backend} "
              f"(each: {r.nodes} node(s), {r.gpus} GPU(s)/node, {r.cpus} CPU(s), time limit {r.time_limit})",
-             f"tracking: {ctx.tracking_uri} (experiment {ctx.spec.name!r}); output: {ctx.output}", ""]
+             f"tracking: {ctx.tracking_uri} (experiment {ctx.spec.name!r}); output: {ctx.output}"]
+    units = fuse(ctx, trials)
+    memory = gpu_memory_plan(ctx, units)
+    if memory:
+        per_gpu, need, capacity, source = memory
+        lines.append(f"GPU memory: up to {per_gpu} trial process(es) per GPU need at most {need / 2**30:.1f} GiB "
+                     f"of {capacity:.0f} GiB ({source})")
+    lines.append("")
     total = 0.0
-    for trial in trials:
-        hours = gpu_hours(trial.config) * r.nodes
-        total += hours
-        state = done.get(trial.key, "new")
-        lines += [f"trial {trial.key}  {trial.label}  [{state}]  ~{hours:.3f} GPU-h",
-                  *("    " + line for line in backend.describe(trial).splitlines())]
+    for unit in units:
+        members = unit.members if isinstance(unit, FusedGroup) else (unit,)
+        if isinstance(unit, FusedGroup):
+            lines.append(f"{unit.key}: {len(members)} trials trained as one fused model (one process)")
+        for trial in members:
+            hours = gpu_hours(trial.config) * r.nodes
+            total += hours
+            state = done.get(trial.key, "new")
+            lines.append(f"{'  ' if len(members) > 1 else ''}trial {trial.key}  {trial.label}  [{state}]  "
+                         f"~{hours:.3f} GPU-h")
+        lines += ["    " + line for line in backend.describe(unit).splitlines()]
     todo = sum(gpu_hours(t.config) * r.nodes for t in trials if done.get(t.key) != DONE)
     lines += ["", f"estimated GPU-hours: {total:.2f} in all, {todo:.2f} still to run "
                   f"(H100, bf16, CUDA-graph step; eager PyTorch takes ~{63_800 / 11_000:.1f}x longer)",

@@ -5,6 +5,7 @@ backend agree on the same trials and keys (Ray Tune only runs the list; it does 
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -140,3 +141,76 @@ def estimated_work(cfg: TrainConfig) -> float:
     """Multiply-adds of the whole training run (forward + backward ~ 3x forward): orders trials longest-first."""
     from .estimate import training_multiply_adds
     return training_multiply_adds(cfg)
+
+
+@dataclass(frozen=True)
+class FusedGroup:
+    """Trials trained together as one horizontally fused model (resnet_core.fused): one backend job."""
+    members: tuple[Trial, ...]
+
+    @property
+    def key(self) -> str:
+        return "fused-" + hashlib.sha256(",".join(t.key for t in self.members).encode()).hexdigest()[:12]
+
+    @property
+    def label(self) -> str:
+        return f"fused x{len(self.members)}: " + "; ".join(t.label for t in self.members)
+
+
+def fuse(ctx: SweepContext, trials: list[Trial]) -> list[Trial | FusedGroup]:
+    """Group trials that may fuse (same fusion key), at most ``spec.fuse`` per group, keeping the longest-first
+    order of each group's first trial; a trial with no partner stays a plain trial."""
+    from resnet_core.fused import check_fusable, fusion_key
+    size = ctx.spec.fuse
+    if size <= 1:
+        return list(trials)
+    by_key: dict[str, list[Trial]] = {}
+    for trial in trials:
+        by_key.setdefault(fusion_key(trial.config), []).append(trial)
+    units: list[Trial | FusedGroup] = []
+    for group in by_key.values():
+        for start in range(0, len(group), size):
+            chunk = group[start:start + size]
+            if len(chunk) == 1:
+                units.append(chunk[0])
+                continue
+            try:
+                check_fusable([t.config for t in chunk])
+            except ConfigError as err:
+                raise SpecError(f"{ctx.spec_path}: {err}") from None
+            units.append(FusedGroup(tuple(chunk)))
+    order = {t.key: i for i, t in enumerate(trials)}
+    return sorted(units, key=lambda u: order[(u.members[0] if isinstance(u, FusedGroup) else u).key])
+
+
+GPU_MEMORY_HEADROOM = 0.9  # leave 10% of the card for fragmentation and what the estimate misses
+
+
+def gpu_memory_plan(ctx: SweepContext, units: list[Trial | FusedGroup]) -> tuple[int, int, float, str] | None:
+    """(trials per GPU, worst-case bytes of that many on one GPU, GPU GiB, where the GiB came from), or None
+    for CPU sweeps. The worst case puts the largest units together, as Ray may."""
+    from .estimate import gpu_memory_gb, trial_gpu_memory_bytes
+    r = ctx.spec.resources
+    if r.gpus <= 0 or not units:
+        return None
+    per_gpu = max(1, math.floor(1 / r.gpus + 1e-9)) if r.gpus < 1 else 1
+    per_gpu = min(per_gpu, ctx.spec.max_concurrent or per_gpu, len(units))
+    ranks = r.nodes * r.workers_per_node
+    needs = sorted((trial_gpu_memory_bytes(u.members[0].config if isinstance(u, FusedGroup) else u.config,
+                                           len(u.members) if isinstance(u, FusedGroup) else 1, ranks)
+                    for u in units), reverse=True)
+    capacity, source = gpu_memory_gb(r.gpu_memory_gb)
+    return per_gpu, sum(needs[:per_gpu]), capacity, source
+
+
+def check_gpu_memory(ctx: SweepContext, units: list[Trial | FusedGroup]) -> None:
+    """Packed trials must not run the card out of memory: refuse a packing whose worst case does not fit."""
+    plan = gpu_memory_plan(ctx, units)
+    if plan is None:
+        return
+    per_gpu, need, capacity, source = plan
+    if need > GPU_MEMORY_HEADROOM * capacity * 2**30:
+        what = f"{per_gpu} trials per GPU (resources.gpus {ctx.spec.resources.gpus})" if per_gpu > 1 else "one trial"
+        raise SpecError(f"{ctx.spec_path}: resources.gpus: {what} may need {need / 2**30:.1f} GiB of GPU memory, "
+                        f"over {GPU_MEMORY_HEADROOM:.0%} of {capacity:.0f} GiB ({source}); pack fewer trials per "
+                        "GPU (a larger resources.gpus), a smaller batch_size or fuse, or set resources.gpu_memory_gb")

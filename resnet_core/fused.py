@@ -166,6 +166,8 @@ class FusedStep:
     """One training step of all members: eager, or (``graph=True``, CUDA) captured once in a CUDA graph."""
 
     def __init__(self, cfgs: list[TrainConfig], model: FusedModel, device: torch.device, graph: bool):
+        if graph and device.type != "cuda":
+            raise ConfigError("step: 'graph' needs a CUDA GPU; use eager on CPU")
         self.cfgs, self.model, self.device, self.graph_mode = cfgs, model, device, graph
         o = cfgs[0].optim
         self.precision = resolve_precision(cfgs[0], device)

@@ -179,3 +179,32 @@ def test_resnet20_compiles_with_inductor_and_matches_eager():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def _saved_bytes_of_real_tensors(model, batch_size: int, size: int) -> int:
+    """The same count on real CPU tensors, each storage once: what the meta-device count must reproduce."""
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen, kept, total = set(), [], 0
+    def pack(tensor):
+        nonlocal total
+        ptr = tensor.untyped_storage().data_ptr()
+        if ptr not in weights and ptr not in seen:
+            seen.add(ptr)
+            kept.append(tensor)
+            total += tensor.untyped_storage().nbytes()
+        return tensor
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(torch.randn(batch_size, 3, size, size))
+    return total
+
+
+@pytest.mark.parametrize("name,batch_size,size,tolerance", [
+    ("resnet20", 16, 32, 0.01), ("plain20", 16, 32, 0.01), ("preact_resnet164", 2, 32, 0.01), ("resnet50", 2, 224, 0.06)])
+def test_meta_device_training_memory_matches_real_saved_tensors(name, batch_size, size, tolerance):
+    from resnet_core.models.memory import saved_activation_bytes, training_memory_bytes
+    model = create_model(name)
+    counted, largest = saved_activation_bytes(model, batch_size, size)
+    real = _saved_bytes_of_real_tensors(model, batch_size, size)
+    assert real <= counted <= real * (1 + tolerance)  # never below: the packing check must not under-count
+    assert 0 < largest < counted
+    assert training_memory_bytes(model, 2 * batch_size, size) > training_memory_bytes(model, batch_size, size)

@@ -100,6 +100,24 @@ def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path):
     assert "stopped" in output
 
 
+def test_fused_sweep_trains_groups_as_one_process_and_each_trial_keeps_its_run(tmp_path, capsys):
+    spec = smoke_spec(tmp_path, "smoke_fused")
+    assert orchestrate(["sweep", str(spec), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
+    dry = capsys.readouterr().out
+    assert dry.count("4 trials trained as one fused model") == 2 and dry.count("train_fused(<4 trial configs>)") == 2
+    output = finish(sweep(tmp_path, spec))
+    runs = trial_runs(tmp_path, "smoke_fused")
+    assert len(runs) == 8 and all(r.info.status == "FINISHED" for r in runs), output[-3000:]
+    assert len({r.data.tags["trial_key"] for r in runs}) == 8
+    groups = Counter(r.data.tags["fused_group"] for r in runs)
+    assert sorted(groups.values()) == [4, 4]  # ResNet-8s in one process, plain-8s in another
+    jobs = {r.data.tags["fused_group"]: r.data.tags["backend_job_id"] for r in runs}
+    assert all(r.data.tags["backend_job_id"] == jobs[r.data.tags["fused_group"]] for r in runs)  # one Tune trial
+    assert output.count("finished ") == 8 and "8 finished" in output
+    again = finish(sweep(tmp_path, spec))
+    assert "8 skipped" in again and "running" not in again
+
+
 def test_dry_run_prints_trials_commands_and_gpu_hours_and_changes_nothing(tmp_path, capsys):
     spec = smoke_spec(tmp_path)
     assert orchestrate(["sweep", str(spec), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
@@ -145,6 +163,15 @@ MALFORMED = [
     ({"name": "x", "space": {"batch_size": ["abc"]}}, "batch_size: Input should be a valid integer"),
     ({"name": "x", "space": {"seed": [0, 1]}, "scheduler": {"asha": {"metric": "val_error"}}},
      "scheduler.asha.metric: val_error needs a validation split"),
+    ({"name": "x", "fuse": 4, "backend": "slurm"}, "fuse: fused trials run on the ray backend"),
+    ({"name": "x", "base": {**BASE, "model": {"name": "resnet152"}, "batch_size": 256}, "space": {"seed": [0, 1, 2, 3]},
+      "resources": {"gpus": 0.25}}, "resources.gpus: 4 trials per GPU (resources.gpus 0.25) may need"),
+    ({"name": "x", "base": {**BASE, "batch_size": 64}, "resources": {"gpus": 1, "gpu_memory_gb": 0.5}},
+     "resources.gpus: one trial may need 0.8 GiB of GPU memory, over 90% of 0 GiB (resources.gpu_memory_gb)"),
+    ({"name": "x", "fuse": 4, "space": {"seed": [0, 1]}, "scheduler": {"asha": {}}}, "fuse: fused trials train and stop together"),
+    ({"name": "x", "fuse": 2, "resources": {"gpus": 2}}, "fuse: a fused group trains in one process"),
+    ({"name": "x", "fuse": 2, "space": {"seed": [0, 1]}, "base": {**BASE, "dist": {"engine": "deepspeed"}}},
+     "dist.engine: fused trials train in one process without DeepSpeed"),
 ]
 
 

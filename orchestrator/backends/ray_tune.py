@@ -24,7 +24,7 @@ from ray import tune
 from .. import launch
 from ..mps import mps_daemon
 from ..ledger import Ledger
-from ..trials import SweepContext, Trial
+from ..trials import FusedGroup, SweepContext, Trial, fuse
 from .base import Events
 
 from resnet_core.train import REPORT_FILE_ENV  # noqa: E402  (the worker defines the channel)
@@ -58,17 +58,40 @@ def asha_scheduler(spec):
 
 
 def run_trial(config: dict[str, Any]) -> None:
-    """The Tune trainable: one trial. Reports after every evaluation; the last report says how it ended."""
+    """The Tune trainable: one trial or one fused group. Reports after every evaluation (each report names its
+    trial); each trial's last report says how it ended."""
     trial = config["trial"]
     tags = {"backend": "ray", "backend_job_id": tune.get_context().get_trial_id()}
-    cfg_dict = json.loads(json.dumps(trial["config"]))
-    cfg_dict["tracking"]["tags"].update(tags)
-    if trial["launcher"] == "python":
-        result = run_in_process(cfg_dict, trial["cpus"])
+    cfg_dicts = [json.loads(json.dumps(m["config"])) for m in trial.get("members", [trial])]
+    for cfg_dict in cfg_dicts:
+        cfg_dict["tracking"]["tags"].update(tags)
+    cap_gpu_memory(trial.get("gpus", 0))
+    if trial["launcher"] == "fused":
+        results = run_fused_in_process(cfg_dicts, trial["cpus"])
+    elif trial["launcher"] == "python":
+        results = [run_in_process(cfg_dicts[0], trial["cpus"])]
     else:
-        result = run_child(cfg_dict, trial["launcher"], trial["workers"])
-    tune.report({"trial_status": result["status"], "trial_key": trial["key"], "run_id": result.get("run_id"),
-                 **{k: v for k, v in result.items() if isinstance(v, (int, float))}})
+        results = [run_child(cfg_dicts[0], trial["launcher"], trial["workers"])]
+    for result in results:
+        tune.report({"trial_status": result["status"], "run_id": result.get("run_id"),
+                     **{k: v for k, v in result.items() if isinstance(v, (int, float))},
+                     "trial_key": result["trial_key"]})
+
+
+def cap_gpu_memory(gpus: float) -> None:
+    """A packed trial (a fraction of a GPU) may allocate only its share: one that outgrows its estimate fails
+    alone with an out-of-memory error, instead of taking the memory of the trials beside it."""
+    if 0 < gpus < 1:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(gpus)
+
+
+def run_fused_in_process(cfg_dicts: list[dict], cpus: float) -> list[dict]:
+    import torch
+    from resnet_core.fused import train_fused
+    torch.set_num_threads(max(1, int(cpus)))
+    return train_fused(cfg_dicts, report=lambda metrics: tune.report(dict(metrics)))
 
 
 def run_in_process(cfg_dict: dict, cpus: float) -> dict:
@@ -119,10 +142,12 @@ class RayTuneBackend:
         self.address = ctx.cluster.get("ray", {}).get("address")
         self._stack: contextlib.ExitStack | None = None
 
-    def describe(self, trial: Trial) -> str:
-        launcher = uses_launcher(self.spec, trial.config_dict())
+    def describe(self, trial: Trial | FusedGroup) -> str:
         r = self.spec.resources
         where = f"Ray {'at ' + self.address if self.address else 'local'}: {{cpu: {r.cpus}, gpu: {r.gpus}}}"
+        if isinstance(trial, FusedGroup):
+            return f"{where}; in the Tune actor: resnet_core.fused.train_fused(<{len(trial.members)} trial configs>)"
+        launcher = uses_launcher(self.spec, trial.config_dict())
         if launcher == "python":
             return f"{where}; in the Tune actor: resnet_core.train.train(<trial config>)"
         return f"{where}; " + shlex.join(child_command(launcher, "<trial config>.yaml", r.workers_per_node))
@@ -149,7 +174,7 @@ class RayTuneBackend:
         try:
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": self.spec.resources.cpus, "gpu": self.spec.resources.gpus}),
-                param_space={"trial": tune.grid_search([self.trial_payload(t) for t in trials])},
+                param_space={"trial": tune.grid_search([self.trial_payload(u) for u in fuse(self.ctx, trials)])},
                 tune_config=tune.TuneConfig(scheduler=asha_scheduler(self.spec), max_concurrent_trials=self.spec.max_concurrent,
                                             # a finished trial's actor takes the next one: no new process, no
                                             # second import of torch (seconds per trial on small sweeps)
@@ -163,9 +188,14 @@ class RayTuneBackend:
         finally:
             self.stop()
 
-    def trial_payload(self, trial: Trial) -> dict[str, Any]:
+    def trial_payload(self, trial: Trial | FusedGroup) -> dict[str, Any]:
+        if isinstance(trial, FusedGroup):
+            return {"key": trial.key, "label": trial.label, "cpus": self.spec.resources.cpus, "launcher": "fused",
+                    "gpus": self.spec.resources.gpus,
+                    "workers": 1, "members": [{"key": t.key, "config": t.config_dict()} for t in trial.members]}
         cfg = trial.config_dict()
         return {"key": trial.key, "label": trial.label, "config": cfg, "cpus": self.spec.resources.cpus,
+                "gpus": self.spec.resources.gpus,
                 "launcher": uses_launcher(self.spec, cfg), "workers": self.spec.resources.workers_per_node}
 
     def start_ray(self) -> None:
@@ -194,26 +224,37 @@ class EventsCallback(tune.Callback):
         return {"events": None, "ctx": self.ctx}
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.events.update(trial.config["trial"]["key"], "running")
+        for key in trial_keys(trial):
+            self.events.update(key, "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        key = result.get("trial_key") or trial.config["trial"]["key"]
+        if "trial_status" in result:  # a trial's own end (a fused group reports one per member)
+            self.events.update(key, "finished" if result["trial_status"] == "FINISHED" else "failed",
+                               **final_metrics(result))
+            return
         metrics = {k: result[k] for k in ("epoch", "val_error", "test_error") if k in result}
-        self.events.update(trial.config["trial"]["key"], "running", **metrics)
+        self.events.update(key, "running", **metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
-        key = trial.config["trial"]["key"]
         if "trial_status" in last:
-            state = "finished" if last["trial_status"] == "FINISHED" else "failed"
-            self.events.update(key, state, **final_metrics(last))
-            return
+            return  # every trial of this job reported its end (on_trial_result)
+        key = trial.config["trial"]["key"]
         reason = early_stop_reason(self.ctx, last)
         if last.get("run_id"):
             Ledger(self.ctx.tracking_uri, self.ctx.spec.name).mark_early_stopped(last["run_id"], reason)
         self.events.update(key, "stopped", reason=reason, **final_metrics(last))
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.events.update(trial.config["trial"]["key"], "failed", reason="error in the trial (see its log)")
+        for key in trial_keys(trial):
+            self.events.update(key, "failed", reason="error in the trial (see its log)")
+
+
+def trial_keys(tune_trial) -> list[str]:
+    """The sweep trials a Tune trial runs: itself, or the members of a fused group."""
+    payload = tune_trial.config["trial"]
+    return [m["key"] for m in payload["members"]] if "members" in payload else [payload["key"]]
 
 
 def early_stop_reason(ctx: SweepContext, last: dict) -> str:

@@ -9,6 +9,8 @@ this measures the step alone (issue 4's GPU rows: ResNet-20/56/110, batch 128, b
 
 --procs N runs N copies of each (model, step) as separate processes that start timing together (a file
 barrier) and adds their images/s: the packed-trials number of issue 8 (run it under CUDA MPS, see run_study.sh).
+--fuse K trains K members (seeds 0..K-1, each its own batch) as one horizontally fused model
+(resnet_core.fused); images/s counts all K members' images. --procs and --fuse combine.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.0, help="repeat the timed loop until this long (GPU)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--procs", type=int, default=1, help="N processes of each (model, step) at once; adds img/s")
+    p.add_argument("--fuse", type=int, default=1, help="K trials as one fused model per process (eager or graph)")
     p.add_argument("--barrier", help=argparse.SUPPRESS)  # set for the child processes of --procs
     p.add_argument("--out", help="also append the JSON lines to this file")
     return p.parse_args(argv)
@@ -71,21 +74,37 @@ def bench_one(args, model_name: str, step_kind: str) -> dict:
            "precision": args.precision, "device": args.device, "channels_last": not args.no_channels_last and args.device == "cuda",
            "procs": 1, "pid": os.getpid(),
            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__}
-    cfg = build_config({"model": {"name": model_name}, "batch_size": args.batch_size, "step": step_kind,
-                        "precision": args.precision, "device": args.device, "data": {"path": "synthetic"},
-                        "tracking": {"enabled": False}})
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.cuda.reset_peak_memory_stats()
-    torch.manual_seed(0)
-    model = create_model(model_name, num_classes=10).to(device)
-    if not args.no_channels_last and device.type == "cuda":  # as the trainer does
-        model = model.to(memory_format=torch.channels_last)
-    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-    step = build_step(cfg, model, DistEnv(), device)
+    cfgs = [build_config({"model": {"name": model_name}, "batch_size": args.batch_size, "step": step_kind,
+                          "precision": args.precision, "device": args.device, "data": {"path": "synthetic"},
+                          "tracking": {"enabled": False}, "seed": seed}) for seed in range(args.fuse)]
+    models = []
+    for cfg in cfgs:
+        torch.manual_seed(cfg.seed)
+        models.append(create_model(model_name, num_classes=10).to(device))
+    row["params_m"] = round(sum(p.numel() for p in models[0].parameters()) / 1e6, 3)
     g = torch.Generator(device=device).manual_seed(0)
-    images = torch.randn(args.batch_size, 3, 32, 32, device=device, generator=g)
-    labels = torch.randint(0, 10, (args.batch_size,), device=device, generator=g)
+    shape = (args.fuse, args.batch_size) if args.fuse > 1 else (args.batch_size,)
+    images = torch.randn(*shape, 3, 32, 32, device=device, generator=g)
+    labels = torch.randint(0, 10, shape, device=device, generator=g)
+    if args.fuse > 1:
+        from resnet_core.fused import FusedModel, FusedStep, check_fusable
+        check_fusable(cfgs, device)
+        fused = FusedStep(cfgs, FusedModel(models, device), device, graph=step_kind == "graph")
+        lrs = (0.1,) * args.fuse
+        step = lambda x, y, lr: fused(x, y, lrs, shared=False).sum(0)
+        row.update(fuse=args.fuse, channels_last=False)
+    else:
+        model = models[0]
+        if not args.no_channels_last and device.type == "cuda":  # as the trainer does
+            model = model.to(memory_format=torch.channels_last)
+        step = build_step(cfgs[0], model, DistEnv(), device)
+    images_per_step = args.batch_size * args.fuse
+    from orchestrator.estimate import CUDA_CONTEXT_BYTES, trial_gpu_memory_bytes
+    # the packing check's estimate (fp32, without the CUDA context) beside the measured peak_mem_gb
+    row["est_mem_gb"] = round((trial_gpu_memory_bytes(cfgs[0], args.fuse) - CUDA_CONTEXT_BYTES) / 2**30, 3)
 
     def sync():
         if device.type == "cuda":
@@ -108,7 +127,7 @@ def bench_one(args, model_name: str, step_kind: str) -> dict:
         if elapsed >= args.min_seconds:
             break
     row.update(steps=steps, seconds=round(elapsed, 4), t_start=t0 + time.time() - time.perf_counter(),
-               ms_per_step=round(1000 * elapsed / steps, 3), images_per_s=round(steps * args.batch_size / elapsed, 1),
+               ms_per_step=round(1000 * elapsed / steps, 3), images_per_s=round(steps * images_per_step / elapsed, 1),
                final_loss=round(float(sums[0] / sums[2]), 4))
     row["t_end"] = row["t_start"] + elapsed
     if device.type == "cuda":
@@ -122,7 +141,7 @@ def packed(args, model_name: str, step_kind: str) -> dict:
         cmd = [sys.executable, __file__, "--models", model_name, "--steps", step_kind,
                "--batch-size", str(args.batch_size), "--precision", args.precision, "--device", args.device,
                "--iters", str(args.iters), "--warmup", str(args.warmup), "--min-seconds", str(args.min_seconds),
-               "--barrier", barrier] + (["--no-channels-last"] if args.no_channels_last else [])
+               "--fuse", str(args.fuse), "--barrier", barrier] + (["--no-channels-last"] if args.no_channels_last else [])
         children = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(args.procs)]
         deadline = time.time() + 900
         while len(list(Path(barrier).glob("ready-*"))) < args.procs:
@@ -136,11 +155,11 @@ def packed(args, model_name: str, step_kind: str) -> dict:
             rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     ok = [r for r in rows if "images_per_s" in r]
     agg = {"bench": "train_step_packed", "model": model_name, "step": step_kind, "batch_size": args.batch_size,
-           "precision": args.precision, "device": args.device, "procs": args.procs, "procs_ok": len(ok),
+           "precision": args.precision, "device": args.device, "procs": args.procs, "procs_ok": len(ok), "fuse": args.fuse,
            "mps": bool(os.environ.get("CUDA_MPS_PIPE_DIRECTORY"))}
     if ok:
         span = max(r["t_end"] for r in ok) - min(r["t_start"] for r in ok)
-        images = sum(r["steps"] * r["batch_size"] for r in ok)
+        images = sum(r["steps"] * r["batch_size"] * r.get("fuse", 1) for r in ok)
         agg.update(images_per_s=round(images / span, 1), seconds=round(span, 3),
                    per_proc_images_per_s=[r["images_per_s"] for r in ok],
                    peak_mem_gb_per_proc=max(r.get("peak_mem_gb", 0) for r in ok))

@@ -2,11 +2,11 @@
 # The GPU numbers of issues 3, 4 and 8, on the GPU machine, split over `run` calls (docs/gpu-runbook.md):
 #
 #   bash scripts/device/run_study.sh call1    # carry .device/p1: loader + train-step benchmarks, packed trials
-#   bash scripts/device/run_study.sh call2    # carry .device/p2: torch.compile rows (ResNet-56/110)
+#   bash scripts/device/run_study.sh call2    # carry .device/p2: fused ResNet-20 trials, torch.compile rows (56/110)
 #   bash scripts/device/run_study.sh call3    # carry .device/p3: ray complete -> the cifar_depth sweep starts
 #   bash scripts/device/run_study.sh call4    # no carry: the sweep resumes, then report + ensemble
 #   bash scripts/device/run_study.sh STAGE... # any stages in order: unpack mps loader train compile20 compile56
-#                                             #   compile110 pack spec sweep report ensemble collect
+#                                             #   compile110 pack fuse spec sweep report ensemble collect
 #   bash scripts/device/run_study.sh --dry-run [STAGE...]   # print the plan; `spec` writes the sweep copy and
 #                                             #   runs `orchestrate sweep --dry-run` on it (works on a CPU machine)
 #
@@ -14,7 +14,7 @@
 # appends benchmark JSON lines to $OUT/bench.jsonl, ends with `collect` (the MLflow sqlite store, reports, the
 # generated spec, Ray's trial logs in $OUT/results.tar.gz) and stops within CALL_BUDGET seconds (default 540:
 # 9 minutes, inside the tool's 10): a stage that would not fit is skipped and says so; the sweep is stopped
-# (SIGINT, then `ray stop`) in time for collect, and the next `sweep` resumes it from its checkpoints.
+# (SIGINT, then what is left of its session is ended by PID) in time for collect, and the next `sweep` resumes it from its checkpoints.
 #
 # Knobs (environment): CALL_BUDGET=540  SWEEP_ITERS=64000 (the paper's recipe; 32000 halves the schedule)
 #   SWEEP_MODELS=resnet110,resnet56,plain56,resnet44,resnet32,resnet20,plain20  SWEEP_SEEDS=0
@@ -102,6 +102,13 @@ stage_pack() {  # issue 8: aggregate img/s of packed ResNet-20 trials (run after
   fits 60 pack-b512 && bench pack-b512 --models resnet20 --steps graph --procs 4 --batch-size 512 --iters 200 --min-seconds 4
 }
 
+stage_fuse() {  # issue 8: ResNet-20 trials horizontally fused (K members in one CUDA graph), alone and packed
+  fits 120 fuse || return 0
+  bench fuse8 --models resnet20 --steps graph,eager --fuse 8 --iters 100 --min-seconds 3
+  bench fuse16 --models resnet20 --steps graph --fuse 16 --iters 50 --min-seconds 3
+  fits 60 fuse-pack && bench fuse-pack --models resnet20 --steps graph --fuse 8 --procs 4 --iters 50 --min-seconds 3
+}
+
 stage_spec() {
   say "spec: $SPEC (iters $SWEEP_ITERS, models $SWEEP_MODELS, seeds $SWEEP_SEEDS)"
   "$PY" "$HERE/make_spec.py" --out "$SPEC" --study "$STUDY" --data "$DATA" --iters "$SWEEP_ITERS" \
@@ -186,10 +193,10 @@ for a in "$@"; do
   case $a in
     --dry-run) DRY=1 ;;
     call1) STAGES+=(unpack loader train compile20 mps pack collect) ;;
-    call2) STAGES+=(unpack compile110 compile56 collect) ;;
+    call2) STAGES+=(unpack mps fuse compile110 compile56 collect) ;;
     call3) STAGES+=(unpack mps spec sweep collect) ;;
     call4) RESERVE=${RESERVE:-150}; STAGES+=(unpack mps sweep report ensemble collect) ;;
-    unpack|mps|loader|train|compile20|compile56|compile110|pack|spec|sweep|report|ensemble|collect) STAGES+=("$a") ;;
+    unpack|mps|loader|train|compile20|compile56|compile110|pack|fuse|spec|sweep|report|ensemble|collect) STAGES+=("$a") ;;
     *) echo "run_study.sh: unknown stage $a (see the top of this file)" >&2; exit 2 ;;
   esac
 done
