@@ -136,6 +136,17 @@ def test_dry_run_of_the_paper_depth_sweep_estimates_gpu_hours(capsys):
     assert 0.5 < hours < 20  # ~27 min for the five ResNets with CUDA graphs (gpu.md), x3 seeds, + plain nets
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml")))
+def test_every_shipped_sweep_dry_runs(name, capsys):
+    code = orchestrate(["sweep", str(REPO / "sweeps" / f"{name}.yaml"), "--dry-run",
+                        "--tracking-uri", "sqlite:////nonexistent/dir/m.db"])
+    out, err = capsys.readouterr()
+    if name == "imagenet_depth":  # ImageNet is not on this machine: the one-line error names the path
+        assert code == 2 and "base.data.path" in err and "/datasets/imagenet" in err
+    else:
+        assert code == 0 and "estimated GPU-hours" in out, err
+
+
 BASE = {"model": {"name": "resnet_cifar", "depth": 8}, "data": {"path": "synthetic"},
         "schedule": {"total": 10, "milestones": [5]}}
 MALFORMED = [
