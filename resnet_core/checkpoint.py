@@ -11,6 +11,8 @@ import io
 import logging
 import os
 import re
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,42 @@ NAME = re.compile(r"^ckpt-(\d{9})-([0-9a-f]{16})\.pt$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+# The fence between two copies of one trial: one trial, one writer. SLURM requeues a job whose node stopped
+# answering (slurmd dead) onto another node while the first copy may still run there; both would write the same
+# checkpoints and MLflow run. Every copy claims the trial folder when it starts (the last claim wins: a copy starts
+# only when the one before it is thought gone); a copy that finds someone else's claim stops, writing nothing more.
+OWNER_FILE = "OWNER"
+
+
+class Superseded(RuntimeError):
+    """Another copy of this trial claimed it after this one; this copy must stop without writing anything."""
+
+
+def owner(folder: Path) -> str | None:
+    try:
+        return (folder / OWNER_FILE).read_text()
+    except FileNotFoundError:
+        return None
+
+
+def claim(folder: Path) -> str:
+    """Make this process the trial's writer; returns its claim (host, pid, SLURM job and restart count)."""
+    env = os.environ
+    job = f" slurm job {env['SLURM_JOB_ID']} restart {env.get('SLURM_RESTART_COUNT', '0')}" if "SLURM_JOB_ID" in env else ""
+    token = f"{socket.gethostname()} pid {os.getpid()}{job} at {time.time_ns()}"
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{OWNER_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(token)
+    os.replace(tmp, folder / OWNER_FILE)
+    return token
+
+
+def check_owner(folder: Path, token: str) -> None:
+    current = owner(folder)
+    if current != token:
+        raise Superseded(f"trial {folder.name} was claimed by another copy ({current}); this copy ({token}) stops")
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -315,6 +315,7 @@ class FusedTrainer:
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
+        self.claims = [checkpoint.claim(m.folder) for m in self.members]  # one trial, one writer (see checkpoint)
         self.resume()
         for m in self.members:
             if m.cfg.tracking.enabled:
@@ -327,6 +328,11 @@ class FusedTrainer:
             return [self.result(m) if m.failed else self.finish(m, final[m.index]) for m in self.members]
         except Interrupted:
             self.end_all("KILLED", "interrupted by a signal; checkpoint written")
+            raise
+        except checkpoint.Superseded:
+            for m in self.members:
+                if m.tracker:
+                    m.tracker.discard()
             raise
         except (SystemExit, KeyboardInterrupt):
             for m in self.members:  # as Trainer: keep the points, leave the status to our owner
@@ -376,7 +382,12 @@ class FusedTrainer:
     def alive(self) -> bool:
         return any(not m.failed for m in self.members)
 
+    def check_fence(self) -> None:
+        for m, claim in zip(self.members, self.claims):
+            checkpoint.check_owner(m.folder, claim)
+
     def log_train(self, lrs: tuple[float, ...], started: float) -> None:
+        self.check_fence()
         seconds = time.perf_counter() - started
         for m, (loss_sum, errors, images) in zip(self.members, self.window.tolist()):
             if m.failed:
@@ -455,6 +466,7 @@ class FusedTrainer:
                 torch.cuda.set_rng_state(state["rng_cuda"])
 
     def save_checkpoints(self) -> None:
+        self.check_fence()
         for m in self.members:
             if m.tracker:
                 m.tracker.flush()

@@ -180,6 +180,10 @@ class Tracker:
             del self._buffer[:len(batch)]
         return True
 
+    def discard(self) -> None:
+        """Drop the unsent points: a newer attempt of the trial logs them (see checkpoint.Superseded)."""
+        self._buffer.clear()
+
     def set_tags(self, tags: dict[str, str]) -> None:
         for key, value in tags.items():
             self.client.set_tag(self.run_id, key, value)

@@ -38,6 +38,7 @@ Report = Callable[[dict[str, Any]], None]
 # A launcher that runs the worker as a child process (torchrun inside a Ray trial) reads reports from this file.
 REPORT_FILE_ENV = "RESNET_REPORT_FILE"
 STOP_CHECK_EVERY = 10  # iterations between the ranks' agreement on a stop signal (SLURM gives ~60 s of warning)
+EXIT_SUPERSEDED = 4  # another copy of the trial claimed it (checkpoint.claim): this one stopped without writing
 
 
 class Diverged(RuntimeError):
@@ -98,9 +99,12 @@ class Trainer:
         self.run_id: str | None = None
         self.rejected_checkpoints: list[str] = []
         self.stop_requested = False
+        self.claim: str | None = None  # this copy's claim on the trial folder (rank 0)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        if self.env.is_main:
+            self.claim = checkpoint.claim(self.folder)
         self.run_id = self.resume()
         self.start_tracking(self.run_id)
         restore = self.install_signal_handlers()
@@ -111,6 +115,10 @@ class Trainer:
             result = self.fail(str(err))
         except Interrupted:
             self.end_tracking("KILLED", {"status_reason": "interrupted by a signal; checkpoint written"})
+            raise
+        except checkpoint.Superseded:
+            if self.tracker:  # the other copy owns the run: no points, no status, no checkpoint from us
+                self.tracker.discard()
             raise
         except (SystemExit, KeyboardInterrupt):
             # Our owner is shutting us down (Ray stopping a trial, Ctrl-C): keep the points, leave the run's
@@ -153,7 +161,19 @@ class Trainer:
                     self.cfg.eval.every_epochs == 0 and self.iteration < total:
                 self.log_eval(self.evaluate_all(), epoch + 1)
 
+    def check_fence(self) -> None:
+        """Stop if another copy of this trial claimed it since we did (rank 0 reads; one all-reduce tells all)."""
+        error = None
+        if self.env.is_main:
+            try:
+                checkpoint.check_owner(self.folder, self.claim)
+            except checkpoint.Superseded as err:
+                error = err
+        if distributed.any_rank(error is not None, self.env, self.device):
+            raise error or checkpoint.Superseded(f"rank 0 found trial {self.key} claimed by another copy")
+
     def log_train(self, sums: torch.Tensor, lr: float, started: float) -> None:
+        self.check_fence()
         loss_sum, errors, images = distributed.all_reduce_sum(sums.clone(), self.env).tolist()
         loss, error = loss_sum / max(images, 1), errors / max(images, 1)
         if not math.isfinite(loss):
@@ -227,6 +247,7 @@ class Trainer:
         return state["run_id"]
 
     def save_checkpoint(self) -> None:
+        self.check_fence()
         # Metrics up to this iteration reach the store first: a resume from this checkpoint then has no gap.
         if self.tracker:
             self.tracker.flush()
@@ -337,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as err:
         print(f"interrupted: {err}; checkpoint written, run again to resume", file=sys.stderr)
         return 3
+    except checkpoint.Superseded as err:
+        print(f"superseded: {err}", file=sys.stderr)
+        return EXIT_SUPERSEDED
     except checkpoint.CheckpointError as err:  # a full disk, or only corrupt checkpoints to resume from
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -219,6 +219,28 @@ def test_sigterm_writes_a_checkpoint_before_exit_and_the_rerun_finishes(tmp_path
     assert run.info.status == "FINISHED" and history(cfg, run.info.run_id)[-1][0] == 200
 
 
+def test_a_second_copy_of_a_trial_takes_over_and_the_first_stops_writing(tmp_path):
+    """What SLURM does when a node's slurmd stops answering: the job is requeued on another node while the first
+    copy still runs. The copy that started last owns the trial; the first stops at its next log point with exit
+    4, and the run has each step once."""
+    cfg = tiny_config(tmp_path, schedule={"total": 600, "milestones": [500]}, checkpoint={"every": 20})
+    cfg_path = write_config(tmp_path, cfg)
+    runs_of(cfg)  # creates the sqlite store first (concurrent creation can crash)
+    first = start_worker(cfg_path, tmp_path)
+    wait_for(lambda: newest_iteration(trial_folder(cfg)) >= 40 or first.poll() is not None, what="a checkpoint")
+    second = start_worker(cfg_path, tmp_path)
+    first_output, _ = first.communicate(timeout=300)
+    assert first.returncode == 4 and "superseded" in first_output, first_output[-2000:]
+    second_output, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, second_output[-2000:]
+    assert "claimed by another copy" in first_output
+    (run,) = runs_of(cfg)
+    assert run.info.status == "FINISHED"
+    steps = [s for s, _ in history(cfg, run.info.run_id)]
+    assert steps == list(range(5, 601, 5))  # none missing, none twice
+    assert newest_iteration(trial_folder(cfg)) == 600
+
+
 def run_distributed(tmp_path: Path, name: str, launchers: list[list[str]], cfg: dict) -> list[tuple[int, float]]:
     """Start each launcher command with the same config; return rank 0's train-loss curve."""
     cfg = {**cfg, "tracking": {**cfg["tracking"], "experiment": name},

@@ -70,7 +70,8 @@ class SlurmTrial:
     def __call__(self) -> dict[str, Any]:
         os.environ.update(distributed_env(dict(os.environ), self.master_addr))
         import torch
-        from resnet_core.train import Interrupted, report_to_file, train
+        from resnet_core.checkpoint import Superseded
+        from resnet_core.train import EXIT_SUPERSEDED, Interrupted, report_to_file, train
         torch.set_num_threads(max(1, self.cpus))
         cfg = json.loads(json.dumps(self.config))
         cfg["tracking"]["tags"].update(self.tags())
@@ -81,6 +82,11 @@ class SlurmTrial:
         except Interrupted:
             self.after_interruption()
             raise  # not reached
+        except Superseded as err:
+            # SLURM requeued this job elsewhere while this copy still ran (its node's slurmd stopped answering):
+            # the other copy owns the trial. Exit without a submitit result, which would be the other's.
+            print(f"superseded: {err}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_SUPERSEDED)
         if report and int(os.environ.get("RANK", "0")) == 0:
             report(result)
         return result

@@ -207,6 +207,53 @@ def test_slurmd_killed_mid_trial_the_job_is_requeued_and_the_trial_completes(slu
                 step_when_requeued=steps_meanwhile, down_after_s=round(down_after, 1), sacct=states)
 
 
+@pytest.mark.timeout(420)
+def test_slurmd_stays_dead_the_requeued_copy_takes_over_and_the_stray_copy_stops(slurm_cluster, tmp_path):
+    """slurmd killed and *not* restarted: SLURM requeues the job onto the other node while the first copy still
+    trains on the dead one (nothing can kill it there). The requeued copy claims the trial folder; the stray copy
+    sees the claim at its next log point and stops without writing; one run, each step once."""
+    total = 700  # the stray must still be training ~60 s after the kill, when the requeued copy starts
+    spec = spec_file(tmp_path, slurm=True, total=total, space={"optim.lr": [0.1]},
+                     resources={"cpus": 1, "gpus": 0, "time_limit": "00:10:00"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = sweep(tmp_path, spec, uri, "--backend", "slurm", env=slurm_cluster.env)
+    try:
+        job_id = wait_for("submitted job", lambda: [p.name.split("_")[0] for p in
+                          (tmp_path / "out" / "slurm").glob("*/*_submission.sh")], 60, proc)[0]
+        (run_id, before), = wait_for("train_loss at step 20", lambda: [
+            (r, s) for r, s in max_step(uri, "faults").items() if s >= 20], 120, proc)
+        node = slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
+        other = {"n1": "n2", "n2": "n1"}[node]
+        stray = processes_of_job(job_id)
+        assert stray, "no process of the job found"
+        os.kill(slurm_cluster.pid(f"slurmd-{node}"), signal.SIGKILL)
+        killed_at = time.monotonic()
+        wait_for(f"the job running again on {other}", lambda: slurm_cluster.state(job_id) == "RUNNING" and
+                 slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip() == other, 180, proc)
+        restarted_after = time.monotonic() - killed_at
+        alive = [p for p in stray if Path(f"/proc/{p}").exists() and "\nState:\tZ" not in _status(p)]
+        assert alive, "the stray copy had ended before the requeued one started: not the fault under test"
+        step_at_takeover = max_step(uri, "faults")[run_id]
+        # Nothing can kill the stray (its node's slurmd is dead): it must stop by itself, seeing the new claim.
+        wait_for("the stray copy to stop by itself", lambda: not [
+            p for p in stray if Path(f"/proc/{p}").exists() and "\nState:\tZ" not in _status(p)], 120, proc)
+        stopped_after = time.monotonic() - killed_at
+        rc, out = finish(proc, timeout=300)
+    finally:
+        slurm_cluster.up()  # the dead slurmd back, for the tests that follow
+    assert rc == 0, out[-3000:]
+    (run,) = trial_runs(uri, "faults")
+    assert run.info.run_id == run_id and run.info.status == "FINISHED", (run.info, out[-2000:])
+    assert_exact_steps(uri, run_id, total)  # the two copies overlapped; still every step once
+    assert slurm_cluster.wait(job_id, timeout=60) == "COMPLETED"
+    states = [(r["State"].split()[0], r["NodeList"])
+              for r in slurm_cluster.sacct(job_id, duplicates=True, steps=False)]
+    assert states[0] == ("NODE_FAIL", node) and states[-1] == ("COMPLETED", other), states
+    report_fact("slurmd_stays_dead", node=node, requeued_on=other, step_at_kill=before,
+                restarted_after_s=round(restarted_after, 1), step_at_takeover=step_at_takeover,
+                stray_stopped_after_s=round(stopped_after, 1), sacct=states)
+
+
 def _status(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/status").read_text()
