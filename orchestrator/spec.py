@@ -126,8 +126,6 @@ class SweepSpec(Strict):
             raise ValueError("resources.nodes: multi-node trials run on the slurm backend; ray packs trials "
                              "onto single nodes")
         if self.fuse > 1:
-            if self.backend != "ray":
-                raise ValueError("fuse: fused trials run on the ray backend; on slurm use fuse: 1 (a job per trial)")
             if self.scheduler.asha:
                 raise ValueError("fuse: fused trials train and stop together; ASHA stops single trials (use one "
                                  "or the other)")

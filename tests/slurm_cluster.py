@@ -203,11 +203,16 @@ class SlurmCluster:
         """`scontrol requeue` a job. SLURM holds a requeued job back (BeginTime = now + cred_expire, 15 s here);
         start_now=True lifts that once it is pending again, as an admin would with `scontrol update StartTime=now`."""
         self.run("scontrol", "requeue", str(job_id))
+        requeued_at = time.monotonic()
         if not start_now:
             return
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.state(job_id) == "PENDING":
+                # slurmd refuses a launch whose credential was made in the same second as the requeue revoked the
+                # old one (seen: "Killing non-startable batch JobId=114: Job credential revoked", 0.2 s after the
+                # requeue, on the same node): let the clock pass the next whole second first.
+                time.sleep(max(0.0, requeued_at + 2.0 - time.monotonic()))
                 if self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False).returncode == 0:
                     return
             elif self.state(job_id) == "RUNNING":

@@ -116,6 +116,10 @@ def test_fused_sweep_trains_groups_as_one_process_and_each_trial_keeps_its_run(t
     assert output.count("finished ") == 8 and "8 finished" in output
     again = finish(sweep(tmp_path, spec))
     assert "8 skipped" in again and "running" not in again
+    # each member left its own single-model weights: the ensemble reads them like any trial's
+    assert orchestrate(["ensemble", "--top", "3", "--sweep", "smoke_fused", "--cache", str(tmp_path / "cache"),
+                        "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0
+    assert "ensemble (mean, 3 members)" in capsys.readouterr().out
 
 
 def test_dry_run_prints_trials_commands_and_gpu_hours_and_changes_nothing(tmp_path, capsys):
@@ -174,7 +178,6 @@ MALFORMED = [
     ({"name": "x", "space": {"batch_size": ["abc"]}}, "batch_size: Input should be a valid integer"),
     ({"name": "x", "space": {"seed": [0, 1]}, "scheduler": {"asha": {"metric": "val_error"}}},
      "scheduler.asha.metric: val_error needs a validation split"),
-    ({"name": "x", "fuse": 4, "backend": "slurm"}, "fuse: fused trials run on the ray backend"),
     ({"name": "x", "base": {**BASE, "model": {"name": "resnet152"}, "batch_size": 256}, "space": {"seed": [0, 1, 2, 3]},
       "resources": {"gpus": 0.25}}, "resources.gpus: 4 trials per GPU (resources.gpus 0.25) may need"),
     ({"name": "x", "base": {**BASE, "batch_size": 64}, "resources": {"gpus": 1, "gpu_memory_gb": 0.5}},
@@ -220,3 +223,58 @@ def test_a_trial_can_run_as_a_torchrun_child_inside_its_ray_actor(tmp_path):
     (run,) = trial_runs(tmp_path, "smoke")
     assert run.info.status == "FINISHED" and run.data.tags["backend"] == "ray", output[-2000:]
     assert "finished" in output and "epoch=5" in output  # the child's final report reached the view
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray cluster of our own (`ray start --head --block` in its own session), as a user's existing cluster.
+    Ended by its session id at the end, never with `ray stop` (which ends every Ray on the machine)."""
+    import socket
+    import tempfile
+    import threading
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    temp = Path(tempfile.mkdtemp(prefix="rh-", dir="/tmp"))  # short: Ray's socket paths are length-limited
+    head = subprocess.Popen([BIN / "ray", "start", "--head", f"--port={port}", "--num-cpus=2", "--num-gpus=0",
+                             "--include-dashboard=false", f"--temp-dir={temp}", "--object-store-memory=100000000",
+                             "--block"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines, started = [], threading.Event()
+    def read():
+        for line in head.stdout:
+            lines.append(line)
+            if "Ray runtime started" in line:
+                started.set()
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert started.wait(120), "".join(lines)[-3000:]
+        yield {"address": f"127.0.0.1:{port}", "process": head, "temp": temp}
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            members = [int(e.name) for e in Path("/proc").iterdir() if e.name.isdigit() and _session_of(e) == head.pid]
+            for pid in members:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            time.sleep(3 if sig == signal.SIGTERM else 0)
+        head.wait(timeout=30)
+
+
+def _session_of(proc_dir: Path) -> int | None:
+    try:
+        return int((proc_dir / "stat").read_text().rsplit(")", 1)[1].split()[3])  # state ppid pgrp session
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def test_sweep_runs_on_an_existing_ray_cluster_and_leaves_it_running(tmp_path, ray_head):
+    spec = smoke_spec(tmp_path)
+    output = finish(sweep(tmp_path, spec, "--address", ray_head["address"]))
+    runs = trial_runs(tmp_path, "smoke")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs), output[-2000:]
+    # the trials ran in that cluster's workers (their logs are in its session folder), and it still runs
+    worker_logs = list(ray_head["temp"].glob("session_*/logs/worker-*"))
+    assert worker_logs, f"no worker of the cluster at {ray_head['address']} ran anything"
+    assert ray_head["process"].poll() is None, "the sweep ended a cluster it did not start"

@@ -179,6 +179,26 @@ def test_smoke_sweep_one_job_per_trial_and_rerun_starts_none(slurm_cluster, tmp_
     assert len(list((tmp_path / "out" / "slurm").iterdir())) == 1  # no second submission folder: nothing submitted
 
 
+def test_fused_groups_run_as_one_array_task_each_and_every_member_keeps_its_run(slurm_cluster, tmp_path):
+    fused = yaml.safe_load((REPO / "sweeps" / "smoke_fused.yaml").read_text())
+    spec = spec_file(tmp_path, name="smoke_fused", space=fused["space"], fuse=fused["fuse"])
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, dry = orchestrate(slurm_cluster, tmp_path, str(spec), "--dry-run", "--tracking-uri", uri)
+    assert rc == 0 and "#SBATCH --array=0-1%2" in dry and dry.count("train_fused(<4 trial configs>)") == 2, dry
+    rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
+    assert rc == 0, out
+    found = runs(uri, "smoke_fused")
+    assert len(found) == 8 and {r.info.status for r in found} == {"FINISHED"}, out
+    by_job: dict[str, set] = {}
+    for run in found:
+        by_job.setdefault(run.data.tags["backend_job_id"], set()).add(run.data.tags["fused_group"])
+        assert steps(uri, run.info.run_id, "train_loss") == [5, 10, 15, 20, 25, 30]
+    assert len(by_job) == 2 and all(len(groups) == 1 for groups in by_job.values())  # one array task per group
+    for job_id in by_job:
+        assert sacct_job(slurm_cluster, job_id)["State"] == "COMPLETED"
+    assert out.count("finished ") == 8
+
+
 def test_weird_names_and_a_trial_across_both_nodes(slurm_cluster, tmp_path):
     """A sweep name and an output folder with spaces, quotes and shell syntax; each trial spans n1 and n2
     (world size 2, c10d TCP store on 127.0.0.1); two trials: a job array of two 2-node jobs."""

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..ledger import Ledger
 from ..spec import SpecError
-from ..trials import SweepContext, Trial
+from ..trials import FusedGroup, SweepContext, Trial, fuse
 from .base import Events
 from .slurm_job import SlurmTrial
 
@@ -143,19 +143,23 @@ class SlurmBackend:
     def use_array(self) -> bool:
         return self.spec.scheduler.asha is None
 
-    def job_name(self, trial: Trial | None) -> str:
+    def job_name(self, trial: Trial | FusedGroup | None) -> str:
         return f"{safe_name(self.spec.name)}-{trial.key[:8] if trial else 'grid'}"
 
-    def parameters(self, trial: Trial | None, array_size: int = 1) -> dict[str, Any]:
+    def parameters(self, trial: Trial | FusedGroup | None, array_size: int = 1) -> dict[str, Any]:
         params = sbatch_parameters(self.ctx, self.job_name(trial if array_size == 1 else None))
         if array_size > 1:
             params["array_parallelism"] = self.spec.max_concurrent or array_size
         return params
 
-    def payload(self, trial: Trial) -> SlurmTrial:
+    def payload(self, trial: Trial | FusedGroup) -> SlurmTrial:
+        cpus = max(1, math.ceil(self.spec.resources.cpus / self.spec.resources.workers_per_node))
+        if isinstance(trial, FusedGroup):
+            members = [{"key": t.key, "config": t.config_dict(), "report_file": str(self.report_file(t.key))}
+                       for t in trial.members]
+            return SlurmTrial(key=trial.key, config={}, cpus=cpus, members=members)
         return SlurmTrial(key=trial.key, config=trial.config_dict(), report_file=str(self.report_file(trial.key)),
-                          master_addr=self.profile.get("master_addr"),
-                          cpus=max(1, math.ceil(self.spec.resources.cpus / self.spec.resources.workers_per_node)))
+                          master_addr=self.profile.get("master_addr"), cpus=cpus)
 
     def report_file(self, key: str) -> Path:
         return self.ctx.output / "reports" / f"{key}.jsonl"
@@ -164,7 +168,7 @@ class SlurmBackend:
         """What srun starts on every task (as SlurmExecutor._submitit_command_str)."""
         return " ".join([self.python, "-u -m submitit.core._submit", shlex.quote(str(self.folder))])
 
-    def script(self, trial: Trial | None, array_size: int = 1) -> str:
+    def script(self, trial: Trial | FusedGroup | None, array_size: int = 1) -> str:
         """The sbatch script submitit writes for this job (SlurmExecutor._make_submission_file_text)."""
         from submitit.slurm.slurm import _make_sbatch_string
         params = self.parameters(trial, array_size)
@@ -172,12 +176,13 @@ class SlurmBackend:
             params["map_count"] = array_size
         return _make_sbatch_string(command=self.command(), folder=self.folder, **params)
 
-    def describe(self, trial: Trial) -> str:
+    def describe(self, trial: Trial | FusedGroup) -> str:
         r = self.spec.resources
         ranks = r.nodes * r.workers_per_node
+        call = (f"resnet_core.fused.train_fused(<{len(trial.members)} trial configs>)"
+                if isinstance(trial, FusedGroup) else "resnet_core.train.train(<trial config>)")
         head = (f"SLURM job: {r.nodes} node(s) x {r.workers_per_node} task(s), one rank per task "
-                f"(world size {ranks}); each task runs orchestrator.backends.slurm_job.SlurmTrial -> "
-                "resnet_core.train.train(<trial config>)")
+                f"(world size {ranks}); each task runs orchestrator.backends.slurm_job.SlurmTrial -> {call}")
         if self.use_array:
             todo = self.trials_to_run()
             if trial.key in todo and len(todo) > 1:
@@ -189,14 +194,15 @@ class SlurmBackend:
         return "\n".join([f"{head}:", self.script(trial)])
 
     def trials_to_run(self) -> list[str]:
-        """Keys a run would submit now (for the array size a dry run shows): the plan of the sweep's record."""
+        """Keys of the jobs a run would submit now (trials, or fused groups; for the array size a dry run shows):
+        the plan of the sweep's record."""
         if self._dry_plan is None:
             from ..sweep import store_exists
             from ..trials import expand
             trials = expand(self.ctx)
             if store_exists(self.ctx.tracking_uri):
                 trials = Ledger(self.ctx.tracking_uri, self.spec.name, create=False).plan(trials).to_run
-            self._dry_plan = [t.key for t in trials]
+            self._dry_plan = [u.key for u in fuse(self.ctx, trials)]
         return self._dry_plan
 
     def executor(self, parameters: dict[str, Any]):
@@ -209,12 +215,14 @@ class SlurmBackend:
             fresh_report_file(self.report_file(trial.key))
         if self.spec.scheduler.asha is not None:
             return self.run_asha(trials, events)
-        payloads = [self.payload(t) for t in trials]
-        if len(trials) > 1:
-            jobs = self.executor(self.parameters(None, len(trials))).submit_array(payloads)
+        units = fuse(self.ctx, trials)  # a fused group is one job; its members report to their own files
+        payloads = [self.payload(u) for u in units]
+        if len(units) > 1:
+            jobs = self.executor(self.parameters(None, len(units))).submit_array(payloads)
         else:
-            jobs = [self.executor(self.parameters(trials[0])).submit(payloads[0])]
-        watch = {t.key: (job, ReportTail(self.report_file(t.key))) for t, job in zip(trials, jobs)}
+            jobs = [self.executor(self.parameters(units[0])).submit(payloads[0])]
+        watch = {t.key: (job, ReportTail(self.report_file(t.key))) for u, job in zip(units, jobs)
+                 for t in (u.members if isinstance(u, FusedGroup) else (u,))}
         try:
             self.monitor(watch, events)
         except BaseException:
@@ -232,7 +240,7 @@ class SlurmBackend:
             for key, (job, tail) in list(watch.items()):
                 latest = tail.latest()
                 if job_over(job):
-                    state, info = outcome(job, latest)
+                    state, info = outcome(job, latest, key)
                     events.update(key, state, **info)
                     del watch[key]
                     continue
@@ -335,10 +343,13 @@ def job_over(job) -> bool:
                          "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT") for s in queued)
 
 
-def outcome(job, latest: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """(state, info) of a job that is over, from rank 0's result (or why there is none)."""
+def outcome(job, latest: dict[str, Any], key: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(state, info) of trial ``key``'s job that is over, from rank 0's result (or why there is none); a fused
+    group's job returns one result per member."""
     try:
         result = job.results()[0]
+        if isinstance(result, list):
+            result = next(r for r in result if r.get("trial_key") == key)
     except Exception as err:  # submitit's FailedJobError (with the trace) / UncompletedJobError (with the state)
         lines = [line for line in str(err).splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if "Error" in line), lines[0] if lines else repr(err))

@@ -59,26 +59,24 @@ def distributed_env(environ: dict[str, str], master_addr: str | None) -> dict[st
 
 @dataclass
 class SlurmTrial:
-    """One trial as a submitit callable (checkpointable: preemption re-submits the same trial)."""
+    """One trial (or one fused group of trials) as a submitit callable (checkpointable: preemption re-submits it)."""
     key: str
-    config: dict[str, Any]            # the resolved trial config (TrainConfig as JSON)
+    config: dict[str, Any]            # the resolved trial config (TrainConfig as JSON); {} for a fused group
     report_file: str | None = None    # rank 0 appends every report and the final result (JSON lines)
     master_addr: str | None = None    # profile's master_addr; else the first host of the allocation
     cpus: int = 1                     # torch threads per task
+    members: list[dict[str, Any]] | None = None  # a fused group: [{key, config, report_file}] (resnet_core.fused)
     _usr2: Any = field(default=None, init=False, repr=False, compare=False)
 
-    def __call__(self) -> dict[str, Any]:
+    def __call__(self) -> dict[str, Any] | list[dict[str, Any]]:
         os.environ.update(distributed_env(dict(os.environ), self.master_addr))
         import torch
         from resnet_core.checkpoint import Superseded
-        from resnet_core.train import EXIT_SUPERSEDED, Interrupted, report_to_file, train
+        from resnet_core.train import EXIT_SUPERSEDED, Interrupted
         torch.set_num_threads(max(1, self.cpus))
-        cfg = json.loads(json.dumps(self.config))
-        cfg["tracking"]["tags"].update(self.tags())
         self._take_over_usr2()
-        report = report_to_file(self.report_file) if self.report_file else None
         try:
-            result = train(cfg, report)
+            return self.train_group() if self.members else self.train_one()
         except Interrupted:
             self.after_interruption()
             raise  # not reached
@@ -87,9 +85,30 @@ class SlurmTrial:
             # the other copy owns the trial. Exit without a submitit result, which would be the other's.
             print(f"superseded: {err}", file=sys.stderr, flush=True)
             sys.exit(EXIT_SUPERSEDED)
+
+    def tagged(self, config: dict[str, Any]) -> dict[str, Any]:
+        cfg = json.loads(json.dumps(config))
+        cfg["tracking"]["tags"].update(self.tags())
+        return cfg
+
+    def train_one(self) -> dict[str, Any]:
+        from resnet_core.train import report_to_file, train
+        report = report_to_file(self.report_file) if self.report_file else None
+        result = train(self.tagged(self.config), report)
         if report and int(os.environ.get("RANK", "0")) == 0:
             report(result)
         return result
+
+    def train_group(self) -> list[dict[str, Any]]:
+        """The members as one fused model; each member's reports go to its own report file."""
+        from resnet_core.fused import train_fused
+        from resnet_core.train import report_to_file
+        files = {m["key"]: report_to_file(m["report_file"]) for m in self.members}
+        results = train_fused([self.tagged(m["config"]) for m in self.members],
+                              lambda metrics: files[metrics["trial_key"]](metrics))
+        for result in results:
+            files[result["trial_key"]](result)
+        return results
 
     def tags(self) -> dict[str, str]:
         job_id = os.environ.get("SLURM_JOB_ID", "")
@@ -120,7 +139,8 @@ class SlurmTrial:
     def checkpoint(self, *args: Any, **kwargs: Any):
         """submitit's preemption hook: run this same trial again; the worker resumes from its own checkpoint."""
         from submitit.helpers import DelayedSubmission
-        return DelayedSubmission(SlurmTrial(self.key, self.config, self.report_file, self.master_addr, self.cpus))
+        return DelayedSubmission(SlurmTrial(self.key, self.config, self.report_file, self.master_addr, self.cpus,
+                                            self.members))
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 from pathlib import Path
 
@@ -50,8 +51,12 @@ def build(args: argparse.Namespace) -> dict:
         base["device"] = args.device
     spec["space"] = {"model.name": models, "seed": seeds}
     concurrent = len(models) * len(seeds)
+    if args.fuse > 1:  # the seeds of each model train as one fused model: one process per model
+        spec["fuse"] = args.fuse
+        concurrent = len(models) * -(-len(seeds) // args.fuse)
+    # Rounded *down* to Ray's 0.0001 granularity: 7 x 0.1429 = 1.0003 GPU would leave the 7th trial waiting.
     gpus = args.gpus if args.gpus is not None else (
-        0 if args.device == "cpu" else float(f"{1 / concurrent:.4f}".rstrip("0")) if concurrent > 1 else 1)
+        0 if args.device == "cpu" else math.floor(10_000 / concurrent) / 10_000 if concurrent > 1 else 1)
     spec["resources"] = {**src.get("resources", {}), "gpus": gpus, "cpus": args.cpus}
     spec["max_concurrent"] = concurrent
     spec["output"] = str(Path(args.study) / "sweep")
@@ -68,6 +73,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", default="/tmp/data/cifar10-jpeg.tar.gz")
     p.add_argument("--models", default=DEFAULT_MODELS)
     p.add_argument("--seeds", default="0")
+    p.add_argument("--fuse", type=int, default=1, help="fuse up to this many seeds of a model into one process")
     p.add_argument("--iters", type=int, default=64000, help="schedule length (paper: 64000)")
     p.add_argument("--val-split", type=int, default=5000, help="held-out train images (paper's 45k/5k split)")
     p.add_argument("--eval-every", type=int, default=2, help="epochs between val/test evaluations")

@@ -18,6 +18,7 @@
 #
 # Knobs (environment): CALL_BUDGET=540  SWEEP_ITERS=64000 (the paper's recipe; 32000 halves the schedule)
 #   SWEEP_MODELS=resnet110,resnet56,plain56,resnet44,resnet32,resnet20,plain20  SWEEP_SEEDS=0
+#   SWEEP_FUSE=1 (e.g. SWEEP_SEEDS=0,1,2 SWEEP_FUSE=3: each model's seeds as one fused process, Table 6's mean±std)
 #   STUDY=/tmp/study  DATA_DIR=/tmp/data  ENSEMBLE_TOP=6  OUT (the tool sets it; default /tmp/out)
 set -uo pipefail
 T0=$SECONDS
@@ -112,7 +113,7 @@ stage_fuse() {  # issue 8: ResNet-20 trials horizontally fused (K members in one
 stage_spec() {
   say "spec: $SPEC (iters $SWEEP_ITERS, models $SWEEP_MODELS, seeds $SWEEP_SEEDS)"
   "$PY" "$HERE/make_spec.py" --out "$SPEC" --study "$STUDY" --data "$DATA" --iters "$SWEEP_ITERS" \
-    --models "$SWEEP_MODELS" --seeds "$SWEEP_SEEDS" ${SPEC_EXTRA:-} 2>&1 | tee -a "$LOG"
+    --models "$SWEEP_MODELS" --seeds "$SWEEP_SEEDS" --fuse "${SWEEP_FUSE:-1}" ${SPEC_EXTRA:-} 2>&1 | tee -a "$LOG"
   (cd "$STUDY" && orchestrate sweep "$SPEC" --dry-run) 2>&1 | tee -a "$LOG"
 }
 

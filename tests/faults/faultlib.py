@@ -11,12 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 from orchestrator.tracking_server import PG_BIN, TrackingServer
+from test_train import worker_env, write_config  # noqa: F401  (re-exported for the fault tests)
 
 
 def tiny_config(tmp_path: Path, uri: str, total: int = 40, **sections) -> dict:
@@ -30,18 +30,6 @@ def tiny_config(tmp_path: Path, uri: str, total: int = 40, **sections) -> dict:
     for key, value in sections.items():
         cfg[key] = {**cfg.get(key, {}), **value} if isinstance(value, dict) else value
     return cfg
-
-
-def write_config(tmp_path: Path, cfg: dict) -> Path:
-    path = tmp_path / "trial.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def worker_env(tmp_path: Path) -> dict:
-    tmp = tmp_path / "tmp"
-    tmp.mkdir(exist_ok=True)
-    return {**os.environ, "TMPDIR": str(tmp), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def need_postgres() -> None:

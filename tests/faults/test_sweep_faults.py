@@ -146,6 +146,24 @@ def assert_exact_steps(uri: str, run_id: str, total: int, log_every: int = 5, ev
 
 
 # -- 1. slurmd killed under a running trial -----------------------------------------------------------------
+def start_one_slurm_trial(slurm_cluster, tmp_path: Path, total: int) -> tuple[subprocess.Popen, str]:
+    spec = spec_file(tmp_path, slurm=True, total=total, space={"optim.lr": [0.1]},
+                     resources={"cpus": 1, "gpus": 0, "time_limit": "00:10:00"})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return sweep(tmp_path, spec, uri, "--backend", "slurm", env=slurm_cluster.env), uri
+
+
+def running_slurm_trial(slurm_cluster, tmp_path: Path, uri: str, proc) -> tuple[str, str, int, str]:
+    """(job id, run id, its step, its node) once the trial has logged step 20."""
+    job_id = wait_for("submitted job", lambda: [p.name.split("_")[0] for p in
+                      (tmp_path / "out" / "slurm").glob("*/*_submission.sh")], 60, proc)[0]
+    (run_id, step), = wait_for("train_loss at step 20", lambda: [
+        (r, s) for r, s in max_step(uri, "faults").items() if s >= 20], 120, proc)
+    node = slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
+    assert node in ("n1", "n2"), node
+    return job_id, run_id, step, node
+
+
 @pytest.mark.timeout(300)
 def test_slurmd_killed_mid_trial_the_job_is_requeued_and_the_trial_completes(slurm_cluster, tmp_path):
     """kill -9 of the slurmd of the node the trial runs on. SLURM marks the node DOWN after ~30 s and requeues the
@@ -155,17 +173,9 @@ def test_slurmd_killed_mid_trial_the_job_is_requeued_and_the_trial_completes(slu
     # The worker must outlive the ~30 s until the node is declared DOWN: 300 iterations are 45-85 s of training on
     # one core of this machine (0.15-0.28 s an iteration; on a quiet machine it had reached 210 when requeued).
     total = 300
-    spec = spec_file(tmp_path, slurm=True, total=total, space={"optim.lr": [0.1]},
-                     resources={"cpus": 1, "gpus": 0, "time_limit": "00:10:00"})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = sweep(tmp_path, spec, uri, "--backend", "slurm", env=slurm_cluster.env)
+    proc, uri = start_one_slurm_trial(slurm_cluster, tmp_path, total)
     try:
-        job_id = wait_for("submitted job", lambda: [p.name.split("_")[0] for p in
-                          (tmp_path / "out" / "slurm").glob("*/*_submission.sh")], 60, proc)[0]
-        (run_id, before), = wait_for("train_loss at step 20", lambda: [
-            (r, s) for r, s in max_step(uri, "faults").items() if s >= 20], 120, proc)
-        node = slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
-        assert node in ("n1", "n2"), node
+        job_id, run_id, before, node = running_slurm_trial(slurm_cluster, tmp_path, uri, proc)
         workers = processes_of_job(job_id)
         assert workers, "no process of the job found"
         slurmd = slurm_cluster.pid(f"slurmd-{node}")
@@ -213,16 +223,9 @@ def test_slurmd_stays_dead_the_requeued_copy_takes_over_and_the_stray_copy_stops
     trains on the dead one (nothing can kill it there). The requeued copy claims the trial folder; the stray copy
     sees the claim at its next log point and stops without writing; one run, each step once."""
     total = 700  # the stray must still be training ~60 s after the kill, when the requeued copy starts
-    spec = spec_file(tmp_path, slurm=True, total=total, space={"optim.lr": [0.1]},
-                     resources={"cpus": 1, "gpus": 0, "time_limit": "00:10:00"})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = sweep(tmp_path, spec, uri, "--backend", "slurm", env=slurm_cluster.env)
+    proc, uri = start_one_slurm_trial(slurm_cluster, tmp_path, total)
     try:
-        job_id = wait_for("submitted job", lambda: [p.name.split("_")[0] for p in
-                          (tmp_path / "out" / "slurm").glob("*/*_submission.sh")], 60, proc)[0]
-        (run_id, before), = wait_for("train_loss at step 20", lambda: [
-            (r, s) for r, s in max_step(uri, "faults").items() if s >= 20], 120, proc)
-        node = slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip()
+        job_id, run_id, before, node = running_slurm_trial(slurm_cluster, tmp_path, uri, proc)
         other = {"n1": "n2", "n2": "n1"}[node]
         stray = processes_of_job(job_id)
         assert stray, "no process of the job found"
