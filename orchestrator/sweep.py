@@ -1,6 +1,7 @@
 """Running a sweep: spec -> trials -> (skip what MLflow says is done) -> backend, with a live view."""
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -31,10 +32,24 @@ def prepare(spec_path: str, address: str | None = None, **overrides) -> tuple[Sw
                        cluster=load_cluster_profile(spec, path))
     if address:
         ctx.cluster.setdefault("ray", {})["address"] = address
+    if ctx.cluster.get("ray", {}).get("address") and spec.backend == "ray":
+        use_ray_auth_token_if_any()
     trials = expand(ctx)
     # Before anything is submitted or logged: groups that cannot fuse, packings that cannot fit a GPU.
     check_gpu_memory(ctx, fuse(ctx, trials))
     return ctx, trials
+
+
+def use_ray_auth_token_if_any() -> None:
+    """Ray 2.60 turns token authentication on for clusters started by `ray start`, but a driver connecting to an
+    address has it off unless told, and fails with InvalidAuthToken. A driver in token mode also connects to a
+    cluster without authentication (tried), so: token mode whenever a token is at hand. Ray reads the mode when
+    it is imported, so this runs before anything imports it."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return  # the user decided
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if os.environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def store_exists(uri: str) -> bool:

@@ -260,6 +260,8 @@ def ray_head(tmp_path):
                     pass
             time.sleep(3 if sig == signal.SIGTERM else 0)
         head.wait(timeout=30)
+        import shutil
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _session_of(proc_dir: Path) -> int | None:

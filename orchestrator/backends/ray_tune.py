@@ -205,7 +205,7 @@ class RayTuneBackend:
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no banners; our view reports
         if self.address:
-            ray.init(address=self.address, log_to_driver=False)
+            ray.init(address=self.address, log_to_driver=False)  # auth: see sweep.use_ray_auth_token_if_any
             return
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                  object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
