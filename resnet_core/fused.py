@@ -294,7 +294,11 @@ class FusedTrainer:
         self.cfgs, self.device, self.report = cfgs, device, report
         seeds = list(dict.fromkeys(c.seed for c in cfgs))
         data, batch = cfgs[0].data, cfgs[0].batch_size
-        self.train_loaders = [build_loader(data, "train", batch, device, 0, 1, seed) for seed in seeds]
+        first = build_loader(data, "train", batch, device, 0, 1, seeds[0])
+        # The gpu loader holds the split on the device: one copy serves every seed. Others (DALI pipelines,
+        # DataLoader workers) keep state while iterating, so each seed gets its own.
+        self.train_loaders = [first] + [first.with_seed(seed) if data.loader == "gpu" else
+                                        build_loader(data, "train", batch, device, 0, 1, seed) for seed in seeds[1:]]
         self.eval_loaders = {split: build_loader(data, split, cfgs[0].eval.batch_size, device, 0, 1, seeds[0])
                              for split in (("val", "test") if data.val_split else ("test",))}
         models = []

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 
 from resnet_core import checkpoint
 from resnet_core.config import ConfigError, build_config
+from resnet_core.data import build_loader
 from resnet_core.distributed import DistEnv
 from resnet_core.fused import FusedModel, FusedStep, check_fusable, fusion_key, train_fused
 from resnet_core.models import create_model
@@ -67,6 +68,18 @@ def members(tmp_path: Path, variants=((0, 0.1, 1e-4), (0, 0.05, 1e-4), (1, 0.1, 
         cfg["seed"], cfg["optim"] = seed, {"lr": lr, "weight_decay": wd}
         out.append(cfg)
     return out
+
+
+def test_seeds_share_one_copy_of_the_data_and_keep_their_own_order(tmp_path):
+    from resnet_core.fused import FusedTrainer
+    cfgs = [build_config(c) for c in members(tmp_path)]  # seeds 0, 0, 1
+    trainer = FusedTrainer(cfgs, CPU, None)
+    first, second = trainer.train_loaders
+    assert second.images is first.images and (second.seed, first.seed) == (1, 0)
+    a, b = next(first.iterate(0)), next(second.iterate(0))
+    assert not torch.equal(a[0], b[0])  # another order / augmentation
+    alone = next(build_loader(cfgs[2].data, "train", 32, CPU, 0, 1, 1).iterate(0))
+    assert torch.equal(b[0], alone[0]) and torch.equal(b[1], alone[1])  # exactly seed 1's own batches
 
 
 def test_each_member_is_its_own_trial_with_its_own_run(tmp_path):

@@ -8,6 +8,8 @@ random-resized crop 224 + flip).
 """
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +138,13 @@ class Loader:
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def with_seed(self, seed: int) -> "Loader":
+        """The same images in another seed's order and augmentation, sharing this loader's data (fused trials:
+        one copy of the split on the GPU for all seeds). Only for loaders that keep no state while iterating."""
+        twin = copy.copy(self)
+        twin.seed = seed
+        return twin
 
     def __iter__(self):
         return self.iterate(self.epoch)
