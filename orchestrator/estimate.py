@@ -73,10 +73,22 @@ def _model_training_bytes(name: str, overrides: tuple, batch_size: int) -> int:
 
 def trial_gpu_memory_bytes(cfg: TrainConfig, members: int = 1, ranks: int = 1) -> int:
     """Peak GPU memory of one trial's process (or one fused group of ``members``): weights, gradients, momentum
-    and saved activations counted at fp32 on the meta device (an upper bound for bf16), plus the CUDA context."""
+    and saved activations counted at fp32 on the meta device (an upper bound for bf16), the data the gpu loader
+    holds, and the CUDA context."""
     batch = max(1, cfg.batch_size // ranks)
     per_member = _model_training_bytes(cfg.model.name, tuple(sorted(cfg.model.overrides().items())), batch)
-    return members * per_member + CUDA_CONTEXT_BYTES
+    return members * per_member + gpu_loader_bytes(cfg) + CUDA_CONTEXT_BYTES
+
+
+def gpu_loader_bytes(cfg: TrainConfig) -> int:
+    """The `gpu` loader keeps its splits on the device as uint8 (shared by a fused group's seeds): CIFAR-10 is
+    60,000 x 3 x 32 x 32 bytes (184 MB); the other loaders stream batches."""
+    if cfg.data.loader != "gpu":
+        return 0
+    if cfg.data.path == "synthetic":
+        s = cfg.data.synthetic
+        return (s.train_size + s.test_size) * 3 * s.image_size ** 2
+    return 60_000 * 3 * 32 * 32
 
 
 def gpu_memory_gb(configured: float | None) -> tuple[float, str]:
