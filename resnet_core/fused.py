@@ -36,7 +36,8 @@ from .models import create_model
 from .schedule import LRSchedule
 from .steps import AUTOCAST_DTYPES, resolve_precision, resolve_step, sgd
 from .tracking import Tracker
-from .train import Interrupted, Report, install_stop_handlers, log_trial_artifacts, open_run, pick_device, trial_state
+from .train import (Interrupted, Report, install_stop_handlers, log_trial_artifacts, open_run, pick_device,
+                    restore_rng, trial_state)
 
 # What may differ between the members of one fused group: everything else must be equal.
 FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
@@ -465,9 +466,7 @@ class FusedTrainer:
             self.iteration, m.warmup_ended = state["iteration"], state["warmup_ended"]
             m.best_val_error, m.run_id = state["best_val_error"], state["run_id"]
             self.window[m.index].copy_(state["window"].to(self.device))
-            torch.set_rng_state(state["rng_cpu"])
-            if self.device.type == "cuda" and "rng_cuda" in state:
-                torch.cuda.set_rng_state(state["rng_cuda"])
+            restore_rng(state, self.device)  # the same state in every member's checkpoint
 
     def save_checkpoints(self) -> None:
         self.check_fence()

@@ -241,9 +241,7 @@ class Trainer:
         self.iteration, self.warmup_ended = state["iteration"], state["warmup_ended"]
         self.best_val_error = state["best_val_error"]
         self.window.copy_(state["window"])
-        torch.set_rng_state(state["rng_cpu"])
-        if self.device.type == "cuda" and "rng_cuda" in state:
-            torch.cuda.set_rng_state(state["rng_cuda"])
+        restore_rng(state, self.device)
         return state["run_id"]
 
     def save_checkpoint(self) -> None:
@@ -305,6 +303,13 @@ def trial_state(iteration: int, warmup_ended: bool, best_val_error: float, step_
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    """The RNG states trial_state saved."""
+    torch.set_rng_state(state["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in state:
+        torch.cuda.set_rng_state(state["rng_cuda"])
 
 
 def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
