@@ -221,6 +221,7 @@ class FusedStep:
         self.static_images, self.static_labels = images.clone(), labels.clone()
         saved_flat = self.model.flat.detach().clone()
         saved_buffers = {k: v.clone() for k, v in self.model.buffers.items()}
+        saved_momentum = self.optimizer.momentum_buffer.clone()  # a resumed group has some: keep it
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -230,7 +231,7 @@ class FusedStep:
                 self.optimizer.step()
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # as GraphStep.capture
             self.model.grad.zero_()
             self.static_stats = self.forward_backward(self.static_images, self.static_labels, shared)
             self.optimizer.step()
@@ -238,7 +239,7 @@ class FusedStep:
             self.model.flat.copy_(saved_flat)
             for key, value in self.model.buffers.items():
                 value.copy_(saved_buffers[key])
-            self.optimizer.momentum_buffer.zero_()
+            self.optimizer.momentum_buffer.copy_(saved_momentum)
 
     # -- a member's state in the single trial's format (EagerStep.state_dict) --------------------------------
     def member_state(self, k: int) -> dict[str, Any]:
@@ -355,9 +356,9 @@ class FusedTrainer:
         steps_per_epoch, total = len(loader), self.members[0].schedule.total
         shared = len(self.train_loaders) == 1
         index = torch.tensor([m.loader for m in self.members], device=self.device)
+        started = time.perf_counter()  # of the metric window: images/s counts training time only
         while self.iteration < total and self.alive():
             epoch, start = divmod(self.iteration, steps_per_epoch)
-            started = time.perf_counter()
             for batches in zip(*(l.iterate(epoch, start) for l in self.train_loaders)):
                 if shared:
                     images, labels = batches[0]
@@ -379,7 +380,9 @@ class FusedTrainer:
                     break
             if self.iteration % steps_per_epoch == 0 and (self.iteration // steps_per_epoch) % \
                     self.cfgs[0].eval.every_epochs == 0 and self.iteration < total:
+                eval_started = time.perf_counter()
                 self.log_eval(self.evaluate_all(), epoch + 1)
+                started += time.perf_counter() - eval_started  # evaluation is not training time
 
     def request_stop(self) -> None:
         self.stop_requested = True
@@ -393,8 +396,9 @@ class FusedTrainer:
 
     def log_train(self, lrs: tuple[float, ...], started: float) -> None:
         self.check_fence()
+        window = self.window.tolist()  # waits for the GPU: only now has the window's work been done
         seconds = time.perf_counter() - started
-        for m, (loss_sum, errors, images) in zip(self.members, self.window.tolist()):
+        for m, (loss_sum, errors, images) in zip(self.members, window):
             if m.failed:
                 continue
             loss, error = loss_sum / max(images, 1), errors / max(images, 1)

@@ -22,8 +22,11 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
 
 
-def resolve_step(cfg: TrainConfig, device: torch.device) -> str:
-    return ("graph" if device.type == "cuda" else "eager") if cfg.step == "auto" else cfg.step
+def resolve_step(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> str:
+    """``auto``: one CUDA graph for a single-GPU trial, eager otherwise (CPU, or DDP across ranks)."""
+    if cfg.step != "auto":
+        return cfg.step
+    return "graph" if device.type == "cuda" and world_size == 1 else "eager"
 
 
 def sgd(cfg: TrainConfig, params, lr: float | torch.Tensor, **kw) -> torch.optim.SGD:
@@ -93,14 +96,21 @@ class GraphStep(EagerStep):
     """
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.device):
-        if device.type != "cuda":
-            raise ConfigError("step: 'graph' needs a CUDA GPU; use eager or compile on CPU")
         if env.enabled:
             raise ConfigError("step: 'graph' trains one GPU per trial; use eager or compile with DDP")
         super().__init__(cfg, model, env, device)
         self.lr = torch.tensor(cfg.optim.lr, device=device)
         self.optimizer = sgd(cfg, model.parameters(), self.lr, fused=True)
         self.graph: torch.cuda.CUDAGraph | None = None
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Loading a checkpoint replaces the param groups, lr included: point them back at the lr tensor that
+        the graph reads (else a resumed run would keep the checkpoint's lr for ever)."""
+        if self.graph is not None:
+            raise RuntimeError("GraphStep: load a checkpoint before the first step, not after the capture")
+        super().load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            group["lr"], group["fused"] = self.lr, True
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         self.lr.fill_(lr)
@@ -113,7 +123,7 @@ class GraphStep(EagerStep):
 
     def capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.static_images, self.static_labels = images.clone(), labels.clone()
-        saved = {k: v.clone() for k, v in self.model.state_dict().items()}
+        saved = self.snapshot()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: allocates momentum buffers, picks cuDNN algorithms
@@ -124,15 +134,29 @@ class GraphStep(EagerStep):
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
+        # thread_local: a CUDA call from another thread (the torch loader's pin-memory thread, DALI's workers)
+        # during the capture must not invalidate it.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.static_stats = self.forward_backward(self.static_images, self.static_labels)
             self.optimizer.step()
-        with torch.no_grad():  # undo the warm-up: weights, BN statistics and momentum as before it
-            for key, value in self.model.state_dict().items():
-                value.copy_(saved[key])
-            for state in self.optimizer.state.values():
-                if state.get("momentum_buffer") is not None:
-                    state["momentum_buffer"].zero_()
+        self.restore(saved)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Weights, BN statistics and momentum (a resumed run has some) before the capture's warm-up steps."""
+        momentum = {p: st["momentum_buffer"].clone() for p, st in self.optimizer.state.items()
+                    if st.get("momentum_buffer") is not None}
+        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()}, "momentum": momentum}
+
+    @torch.no_grad()
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Undo the warm-up in place (the graph holds these tensors' addresses). Momentum the run did not have
+        yet becomes zeros: with dampening 0, SGD's first step from zeros equals its first step from none."""
+        for key, value in self.model.state_dict().items():
+            value.copy_(saved["model"][key])
+        for param, state in self.optimizer.state.items():
+            if state.get("momentum_buffer") is not None:
+                before = saved["momentum"].get(param)
+                state["momentum_buffer"].copy_(before) if before is not None else state["momentum_buffer"].zero_()
 
 
 class DeepSpeedStep(EagerStep):
@@ -191,7 +215,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str) -> dict[
 def build_step(cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.device) -> EagerStep:
     if cfg.dist.engine == "deepspeed":
         return DeepSpeedStep(cfg, model, env, device)
-    kind = resolve_step(cfg, device)
+    kind = resolve_step(cfg, device, env.world_size)
     if kind == "graph":
+        if device.type != "cuda":
+            raise ConfigError("step: 'graph' needs a CUDA GPU; use eager or compile on CPU")
         return GraphStep(cfg, model, env, device)
     return EagerStep(cfg, model, env, device, compile=kind == "compile")

@@ -137,9 +137,9 @@ class Trainer:
         steps_per_epoch = len(self.train_loader)
         total = self.schedule.total
         sums = self.window  # loss*n, errors, images since the last log point (checkpointed: exact resumes)
+        started = time.perf_counter()  # of the metric window: images/s counts training time only
         while self.iteration < total:
             epoch, start = divmod(self.iteration, steps_per_epoch)
-            started = time.perf_counter()
             for images, labels in self.train_loader.iterate(epoch, start):
                 lr = self.schedule(self.iteration, self.warmup_ended)
                 sums += self.step(images, labels, lr)
@@ -159,7 +159,9 @@ class Trainer:
                     break
             if self.iteration % steps_per_epoch == 0 and (self.iteration // steps_per_epoch) % \
                     self.cfg.eval.every_epochs == 0 and self.iteration < total:
+                eval_started = time.perf_counter()
                 self.log_eval(self.evaluate_all(), epoch + 1)
+                started += time.perf_counter() - eval_started  # evaluation is not training time
 
     def check_fence(self) -> None:
         """Stop if another copy of this trial claimed it since we did (rank 0 reads; one all-reduce tells all)."""
@@ -195,7 +197,7 @@ class Trainer:
                 logits = model(images)
             sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
                                  (logits.argmax(1) != labels).sum().float(),
-                                 torch.tensor(float(labels.numel()), device=self.device)])
+                                 sums.new_full((), float(labels.numel()))])  # a device fill: no host sync
         model.train()
         loss_sum, errors, n = distributed.all_reduce_sum(sums, self.env).tolist()
         return loss_sum / max(n, 1), errors / max(n, 1)
