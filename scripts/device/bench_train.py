@@ -160,7 +160,10 @@ def packed(args, model_name: str, step_kind: str) -> dict:
     if ok:
         span = max(r["t_end"] for r in ok) - min(r["t_start"] for r in ok)
         images = sum(r["steps"] * r["batch_size"] * r.get("fuse", 1) for r in ok)
+        # Conservative: the span runs from the first start to the last end, so a straggler's tail (fewer
+        # processes running) is inside it; end_spread_s says how long that tail was.
         agg.update(images_per_s=round(images / span, 1), seconds=round(span, 3),
+                   end_spread_s=round(max(r["t_end"] for r in ok) - min(r["t_end"] for r in ok), 3),
                    per_proc_images_per_s=[r["images_per_s"] for r in ok],
                    peak_mem_gb_per_proc=max(r.get("peak_mem_gb", 0) for r in ok))
     errors = [r["error"] for r in rows if "error" in r]

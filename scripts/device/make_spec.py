@@ -2,7 +2,7 @@
 paths under --study, every trial packed on the one GPU at once (fractional GPUs; CUDA MPS is started by
 run_study.sh), a validation split so `orchestrate ensemble --top 6` can rank trials by val_error.
 
-    python scripts/device/make_spec.py --out /tmp/study/cifar_depth_h100.yaml [--iters 64000] [--study /tmp/study]
+    python scripts/device/make_spec.py --out /tmp/study/cifar_depth_gpu.yaml [--iters 64000] [--study /tmp/study]
 
 --iters scales the paper's schedule (milestones at 1/2 and 3/4, the 400-iteration warm-up kept) when a session
 has less time than the full 64k-iteration recipe needs. The sweep's name says what changed, so its MLflow
@@ -28,7 +28,7 @@ def build(args: argparse.Namespace) -> dict:
     spec = copy.deepcopy(src)
     models = [m for m in args.models.split(",") if m]
     seeds = [int(s) for s in str(args.seeds).split(",") if s != ""]
-    spec["name"] = args.name or (f"{src['name']}_h100" + ("" if args.iters == 64000 else f"_{args.iters // 1000}k"))
+    spec["name"] = args.name or (f"{src['name']}_gpu" + ("" if args.iters == 64000 else f"_{args.iters // 1000}k"))
     base = spec.setdefault("base", {})
     base.setdefault("data", {})
     base["data"]["path"] = str(Path(args.data).resolve()) if args.data != "synthetic" else "synthetic"

@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
-# The GPU numbers of issues 3, 4 and 8, on the GPU machine, split over `run` calls (docs/gpu-runbook.md):
+# The GPU numbers of issues 3, 4 and 8 on the GPU machine, as a few `run` calls (docs/gpu-runbook.md). A session
+# has 15 minutes of device time, the machine's start included, so each plan is one call of ~7-9 minutes:
 #
-#   bash scripts/device/run_study.sh call1    # carry .device/p1: loader + train-step benchmarks, packed trials
-#   bash scripts/device/run_study.sh call2    # carry .device/p2: fused ResNet-20 trials, torch.compile rows (56/110)
-#   bash scripts/device/run_study.sh call3    # carry .device/p3: ray complete -> the cifar_depth sweep starts
-#   bash scripts/device/run_study.sh call4    # no carry: the sweep resumes, then report + ensemble
-#   bash scripts/device/run_study.sh STAGE... # any stages in order: unpack mps loader train compile20 compile56
-#                                             #   compile110 pack fuse fuse_more spec sweep report ensemble collect
+#   bash scripts/device/run_study.sh bench    # carry .device/p1: loader, train-step rows, fused and packed trials,
+#                                             #   ResNet-20 on the full paper recipe through `orchestrate sweep`
+#   bash scripts/device/run_study.sh bench2   # (same machine, if >= 4 min are left) torch.compile rows, loader table
+#   bash scripts/device/run_study.sh study    # carry .device/p1 (another session): the cifar_depth sweep, report,
+#                                             #   ensemble
+#   bash scripts/device/run_study.sh STAGE... # any stages in order: unpack mps loader loader_compare train fuse
+#                                             #   fuse_more pack paper20 compile20 compile56 compile110 spec sweep
+#                                             #   report ensemble collect
 #   bash scripts/device/run_study.sh --dry-run [STAGE...]   # print the plan; `spec` writes the sweep copy and
 #                                             #   runs `orchestrate sweep --dry-run` on it (works on a CPU machine)
 #
 # Every call first sources unpack.sh (whatever has arrived gets installed), tees everything into $OUT/study.log,
 # appends benchmark JSON lines to $OUT/bench.jsonl, ends with `collect` (the MLflow sqlite store, reports, the
-# generated spec, Ray's trial logs in $OUT/results.tar.gz) and stops within CALL_BUDGET seconds (default 540:
-# 9 minutes, inside the tool's 10): a stage that would not fit is skipped and says so; the sweep is stopped
-# (SIGINT, then what is left of its session is ended by PID) in time for collect, and the next `sweep` resumes it from its checkpoints.
+# generated specs, Ray's trial logs in $OUT/results.tar.gz) and stops within CALL_BUDGET seconds (bench 480,
+# else 540: inside the tool's 10 minutes): a stage that would not fit is skipped and says so; a sweep is stopped
+# (SIGINT, then what is left of its session is ended by PID) in time for collect, and a later `sweep` on the
+# same machine resumes it from its checkpoints.
 #
-# Knobs (environment): CALL_BUDGET=540  SWEEP_ITERS=64000 (the paper's recipe; 32000 halves the schedule)
-#   SWEEP_MODELS=resnet110,resnet56,plain56,resnet44,resnet32,resnet20,plain20  SWEEP_SEEDS=0
-#   SWEEP_FUSE=1 (e.g. SWEEP_SEEDS=0,1,2 SWEEP_FUSE=3: each model's seeds as one fused process, Table 6's mean±std)
+# Knobs (environment): CALL_BUDGET  SWEEP_ITERS=32000 (half the paper's schedule: what fits a session;
+#   64000 is the recipe)  SWEEP_MODELS=resnet56,plain56,resnet44,resnet32,resnet20,plain20
+#   SWEEP_SEEDS=0  SWEEP_FUSE=1 (e.g. SWEEP_SEEDS=0,1,2 SWEEP_FUSE=3: each model's seeds as one fused process)
 #   STUDY=/tmp/study  DATA_DIR=/tmp/data  ENSEMBLE_TOP=6  OUT (the tool sets it; default /tmp/out)
 set -uo pipefail
 T0=$SECONDS
@@ -27,13 +31,15 @@ HERE=$ROOT/scripts/device
 export OUT=${OUT:-/tmp/out}
 export STUDY=${STUDY:-/tmp/study} DATA_DIR=${DATA_DIR:-/tmp/data}
 PY=${PY:-python3}
-CALL_BUDGET=${CALL_BUDGET:-540}
-SWEEP_ITERS=${SWEEP_ITERS:-64000}
-SWEEP_MODELS=${SWEEP_MODELS:-resnet110,resnet56,plain56,resnet44,resnet32,resnet20,plain20}
+case " $* " in *" bench "*) CALL_BUDGET=${CALL_BUDGET:-480} ;; *) CALL_BUDGET=${CALL_BUDGET:-540} ;; esac
+# 15 device-minutes a session: 6 nets at half the schedule fit one 9-minute call (~7 min of sweep at the MPS
+# rates of ../shared/docs/gpu.md); ResNet-110 alone needs ~11 min at 64k iterations (docs/gpu-runbook.md).
+SWEEP_ITERS=${SWEEP_ITERS:-32000}
+SWEEP_MODELS=${SWEEP_MODELS:-resnet56,plain56,resnet44,resnet32,resnet20,plain20}
 SWEEP_SEEDS=${SWEEP_SEEDS:-0}
 ENSEMBLE_TOP=${ENSEMBLE_TOP:-6}
 DATA=$DATA_DIR/cifar10-jpeg.tar.gz
-SPEC=$STUDY/cifar_depth_h100.yaml
+SPEC=$STUDY/cifar_depth_gpu.yaml
 DRY=0
 export PYTHONUNBUFFERED=1 COLUMNS=${COLUMNS:-200}  # rich: wide tables in the logs
 mkdir -p "$OUT" "$STUDY"
@@ -82,36 +88,42 @@ stage_mps() {  # CUDA MPS (../shared/docs/gpu.md): the daemon outlives the call;
   fi
 }
 
-stage_loader() {  # issue 3: gpu loader >= 1M img/s; dali vs torch (dali only if its wheels were carried)
-  fits 90 loader || return 0
+stage_loader() {  # issue 3: the gpu loader, >= 1M img/s with augmentation
+  fits 40 loader || return 0
   run loader-gpu orchestrate bench-loader --loader gpu --data "$DATA" --device cuda --batch-size 512 --batches 1000
   tail -n 20 "$LOG" | grep '^{' | tail -1 | sed 's/^{/{"bench": "loader", "cmd": "gpu b512", /' >> "$BENCH"
-  run loader-compare orchestrate bench-loader --compare --data "$DATA" --device cuda --batch-size 256 --batches 200 --workers 2
-  run loader-compare-w8 orchestrate bench-loader --compare --data "$DATA" --device cuda --batch-size 256 --batches 200 --workers 8
+}
+stage_loader_compare() {  # issue 3: gpu, dali (when its bundle arrived) and torch side by side, 8 CPU workers
+  fits 60 loader-compare || return 0
+  run loader-compare orchestrate bench-loader --compare --data "$DATA" --device cuda --batch-size 256 --batches 200 --workers 8
 }
 
 bench() { run "$1" "$PY" "$HERE/bench_train.py" --out "$BENCH" "${@:2}"; }
-stage_train()      { fits 100 train && bench train --models resnet20,resnet56,resnet110 --steps eager,graph --iters 200 --min-seconds 3; }
+stage_train()      { fits 60 train && bench train --models resnet20,resnet56,resnet110 --steps graph,eager --iters 200 --min-seconds 3; }
 stage_compile20()  { fits 90 compile20 && bench compile20 --models resnet20 --steps compile --iters 200 --min-seconds 3; }
 stage_compile56()  { fits 150 compile56 && bench compile56 --models resnet56 --steps compile --iters 100 --min-seconds 3; }
 stage_compile110() { fits 200 compile110 && bench compile110 --models resnet110 --steps compile --iters 100 --min-seconds 3; }
-stage_pack() {  # issue 8: aggregate img/s of packed ResNet-20 trials (run after `mps`)
-  fits 120 pack || return 0
-  bench pack-graph --models resnet20 --steps graph --procs 4 --iters 500 --min-seconds 4
-  bench pack-graph --models resnet20 --steps graph --procs 8 --iters 500 --min-seconds 4
-  fits 60 pack-eager && bench pack-eager --models resnet20 --steps eager --procs 8 --iters 100 --min-seconds 4
-  fits 60 pack-b512 && bench pack-b512 --models resnet20 --steps graph --procs 4 --batch-size 512 --iters 200 --min-seconds 4
-}
-
-stage_fuse() {  # issue 8: ResNet-20 trials horizontally fused (K members in one CUDA graph), alone and packed
-  fits 90 fuse || return 0  # kept short: call 2 must stay near 6 minutes (the session has 30)
+stage_fuse() {  # issue 8: ResNet-20 trials horizontally fused (K members in one CUDA graph), one process
+  fits 45 fuse || return 0
   bench fuse8 --models resnet20 --steps graph --fuse 8 --iters 100 --min-seconds 3
-  fits 60 fuse-pack && bench fuse-pack --models resnet20 --steps graph --fuse 8 --procs 4 --iters 50 --min-seconds 3
 }
-stage_fuse_more() {  # optional (a later call): the eager fused row and 16 members
+stage_pack() {  # issue 8: aggregate img/s of packed ResNet-20 trials under MPS (run after `mps`)
+  fits 90 pack || return 0
+  bench pack-graph --models resnet20 --steps graph --procs 4 --iters 500 --min-seconds 4
+  fits 45 fuse-pack && bench fuse-pack --models resnet20 --steps graph --fuse 8 --procs 4 --iters 50 --min-seconds 3
+  fits 45 pack8 && bench pack-graph8 --models resnet20 --steps graph --procs 8 --iters 500 --min-seconds 4
+}
+stage_fuse_more() {  # the eager fused row and 16 members
   fits 90 fuse-more || return 0
   bench fuse8-eager --models resnet20 --steps eager --fuse 8 --iters 50 --min-seconds 3
   bench fuse16 --models resnet20 --steps graph --fuse 16 --iters 50 --min-seconds 3
+}
+stage_paper20() {  # issue 4: ResNet-20, the paper's full recipe (64k iterations), through `orchestrate sweep`
+  fits 210 paper20 || return 0
+  local spec=$STUDY/paper_resnet20.yaml
+  "$PY" "$HERE/make_spec.py" --out "$spec" --study "$STUDY" --data "$DATA" --iters 64000 --models resnet20 \
+    --seeds 0 --gpus 1 --name paper_resnet20 2>&1 | tee -a "$LOG"
+  SPEC=$spec RESERVE=0 stage_sweep
 }
 
 stage_spec() {
@@ -179,7 +191,7 @@ stage_ensemble() {
 stage_collect() {  # one file: the MLflow store, reports, spec, artifacts but weights, Ray's trial logs
   [ $DRY = 1 ] && { say "collect (dry run)"; return 0; }
   local list; list=$(mktemp)
-  (cd / && for p in "$STUDY/mlruns.db" "$STUDY/reports" "$SPEC" "$STUDY/mlruns" "$STUDY/sweep/ray"; do
+  (cd / && for p in "$STUDY/mlruns.db" "$STUDY/reports" "$STUDY"/*.yaml "$STUDY/mlruns" "$STUDY/sweep/ray"; do
      [ -e "$p" ] && echo "${p#/}"; done) > "$list"
   local ray_logs; ray_logs=$(ls -d /tmp/ray/session_*/logs 2>/dev/null | tail -2)
   tar -C / -czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='checkpoint_*' -T "$list" \
@@ -197,15 +209,14 @@ STAGES=()
 for a in "$@"; do
   case $a in
     --dry-run) DRY=1 ;;
-    call1) STAGES+=(unpack loader train compile20 mps pack collect) ;;
-    call2) STAGES+=(unpack mps fuse compile110 compile56 collect) ;;
-    call3) STAGES+=(unpack mps spec sweep collect) ;;
-    call4) RESERVE=${RESERVE:-150}; STAGES+=(unpack mps sweep report ensemble collect) ;;
-    unpack|mps|loader|train|compile20|compile56|compile110|pack|fuse|fuse_more|spec|sweep|report|ensemble|collect) STAGES+=("$a") ;;
+    bench) STAGES+=(unpack loader train fuse mps pack paper20 compile20 collect) ;;
+    bench2) STAGES+=(unpack compile20 compile56 loader_compare fuse_more compile110 collect) ;;
+    study) RESERVE=${RESERVE:-120}; STAGES+=(unpack mps spec sweep report ensemble collect) ;;
+    unpack|mps|loader|loader_compare|train|fuse|fuse_more|pack|paper20|compile20|compile56|compile110|spec|sweep|report|ensemble|collect) STAGES+=("$a") ;;
     *) echo "run_study.sh: unknown stage $a (see the top of this file)" >&2; exit 2 ;;
   esac
 done
-[ ${#STAGES[@]} -gt 0 ] || { sed -n 2,22p "$0"; exit 2; }
+[ ${#STAGES[@]} -gt 0 ] || { sed -n 2,27p "$0"; exit 2; }
 [ "${STAGES[0]}" = unpack ] || STAGES=(unpack "${STAGES[@]}")
 say "stages: ${STAGES[*]}  (budget $CALL_BUDGET s, OUT=$OUT, STUDY=$STUDY)"
 for s in "${STAGES[@]}"; do "stage_$s"; done

@@ -2,9 +2,8 @@
 # On the GPU machine, at the start of every `run` call:  source scripts/device/unpack.sh
 # (run_study.sh sources it itself). Idempotent across calls while the machine stays warm:
 #   - copies whatever .device/pN folders this call (or an earlier one) carried into $STAGE, verified by sha256;
-#   - reassembles split wheels once all their pieces have arrived (ray: p2 + p3; DALI: p4...);
-#   - installs every wheel that has arrived with pip --no-index --no-deps into $SITE (again only when the set
-#     changed; all in one pip call, into a fresh folder swapped in, since mlflow-skinny and friends share mlflow/);
+#   - extracts each bundle (core.tar.xz: pydantic, the MLflow client, Ray; dali.tar.xz) into $SITE once it
+#     has arrived whole (a bundle split over several parts waits for its last piece);
 #   - puts the CIFAR JPEG archive in $DATA_DIR and decodes it once into the project's .npy cache;
 #   - exports PYTHONPATH=$SITE:<repo root> (the project runs from the checkout, no pip install) and friends.
 # Prints one status line per component: what is usable now and what still has to arrive.
@@ -15,58 +14,42 @@ _unpack_main() {
   local root=${DEVICE_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
   local stage=${STAGE:-/tmp/devstage} site=${SITE:-/tmp/site} data=${DATA_DIR:-/tmp/data} py=${PY:-python3}
   local t0=$SECONDS d f
-  mkdir -p "$stage/wheels" "$stage/pieces" "$data" || return 1
+  mkdir -p "$stage" "$site" "$data" || return 1
 
-  # 1. what this call carried (earlier calls' folders may still be in the checkout: harmless, verified again)
+  # 1. what this call carried (earlier calls' folders may still be in the checkout: harmless, skipped)
   for d in "$root"/.device/p[0-9]*; do
     [ -f "$d/MANIFEST" ] || continue
     [ -f "$stage/done-$(basename "$d")" ] && continue
     if ! (cd "$d" && sha256sum --quiet -c MANIFEST); then
       echo "unpack: $(basename "$d") is damaged (sha256 mismatch); carry it again" >&2; continue
     fi
-    [ -d "$d/wheels" ] && cp -n "$d"/wheels/*.whl "$stage/wheels/" 2>/dev/null
-    [ -d "$d/pieces" ] && cp -n "$d"/pieces/* "$stage/pieces/"
-    for f in pieces.txt NPARTS; do [ -f "$d/$f" ] && cp "$d/$f" "$stage/"; done
-    [ -f "$d/cifar10-jpeg.tar.gz" ] && cp -n "$d/cifar10-jpeg.tar.gz" "$data/"
+    for f in "$d"/*; do
+      case $(basename "$f") in
+        MANIFEST) ;;
+        cifar10-jpeg.tar.gz) cp -n "$f" "$data/" ;;
+        *) cp "$f" "$stage/" ;;
+      esac
+    done
     touch "$stage/done-$(basename "$d")"
     echo "unpack: took $(basename "$d")"
   done
-  local nparts; nparts=$(cat "$stage/NPARTS" 2>/dev/null || echo "?")
-  echo "unpack: parts arrived so far: $(cd "$stage" && ls done-p* 2>/dev/null | sed 's/done-//' | sort -V | tr '\n' ' ')(of $nparts)"
+  echo "unpack: parts arrived so far: $(cd "$stage" && ls done-p* 2>/dev/null | sed 's/done-//' | sort -V | tr '\n' ' ')(of $(cat "$stage/NPARTS" 2>/dev/null || echo '?'))"
 
-  # 2. split wheels whose pieces are all here
-  if [ -f "$stage/pieces.txt" ]; then
-    local name sum count have
-    while read -r name sum count; do
-      [ -z "$name" ] && continue
-      [ -f "$stage/assembled-$name" ] && continue
-      have=$(ls "$stage/pieces" | grep -cF "$name.part-" || true)
-      if [ "$have" -lt "$count" ]; then echo "unpack: $name: $have of $count pieces here; waiting for the rest"; continue; fi
-      cat "$stage/pieces/$name".part-* > "$stage/$name.tmp"
-      if [ "$(sha256sum "$stage/$name.tmp" | cut -d' ' -f1)" != "$sum" ]; then
-        echo "unpack: $name: reassembled file has the wrong sha256" >&2; rm -f "$stage/$name.tmp"; continue
-      fi
-      case $name in
-        *.whl) mv "$stage/$name.tmp" "$stage/wheels/$name" ;;
-        *.tar) tar -C "$stage/wheels" -xf "$stage/$name.tmp" && rm "$stage/$name.tmp" ;;
-      esac
-      rm -f "$stage/pieces/$name".part-*
-      touch "$stage/assembled-$name"; echo "unpack: reassembled $name"
-    done < "$stage/pieces.txt"
-  fi
-
-  # 3. install the wheels that are here, if the set changed since the last install
-  local fingerprint; fingerprint=$(ls "$stage/wheels" | sort | sha256sum | cut -c1-16)
-  if [ -n "$(ls "$stage/wheels")" ] && [ "$(cat "$site/.fingerprint" 2>/dev/null)" != "$fingerprint" ]; then
-    rm -rf "$site.new"
-    if "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check \
-        --target "$site.new" "$stage"/wheels/*.whl; then
-      echo "$fingerprint" > "$site.new/.fingerprint"; rm -rf "$site"; mv "$site.new" "$site"
-      echo "unpack: installed $(ls "$stage/wheels" | wc -l) wheels into $site"
-    else
-      echo "unpack: pip install failed; $site left as it was" >&2
+  # 2. bundles that are here whole: reassembled if split, checked, extracted into the site folder once
+  local name sum pieces have
+  [ -f "$stage/BUNDLES" ] && while read -r name sum pieces; do
+    [ -z "$name" ] || [ -f "$stage/extracted-$name" ] && continue
+    if [ "$pieces" -gt 0 ]; then
+      have=$(ls "$stage" | grep -cF "$name.part-" || true)
+      if [ "$have" -lt "$pieces" ]; then echo "unpack: $name: $have of $pieces pieces here; waiting for the rest"; continue; fi
+      cat "$stage/$name".part-* > "$stage/$name" && rm -f "$stage/$name".part-*
     fi
-  fi
+    if [ "$(sha256sum "$stage/$name" | cut -d' ' -f1)" != "$sum" ]; then
+      echo "unpack: $name has the wrong sha256; carry its part(s) again" >&2; rm -f "$stage/$name" "$stage"/done-p*; continue
+    fi
+    "$py" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' "$stage/$name" "$site" \
+      && rm -f "$stage/$name" && touch "$stage/extracted-$name" && echo "unpack: extracted $name into $site"
+  done < "$stage/BUNDLES"
 
   export PYTHONPATH=$site:$root${PYTHONPATH:+:$PYTHONPATH}
   export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=1
