@@ -31,16 +31,21 @@ class GpuLoader(Loader):
 
     def _run(self, plan: EpochPlan):
         indices = torch.from_numpy(plan.indices).to(self.device)
+        # The epoch's whole plan goes to the device once: no host-to-device copy (a host sync) per batch.
         aug = {k: torch.from_numpy(v).to(self.device) for k, v in
                dict(flip=plan.flip, crop_x=plan.crop_x, crop_y=plan.crop_y).items() if v is not None}
+        height, width = self.images.shape[2:]
+        if plan.rrc is not None:
+            aug["boxes"] = torch.from_numpy(rrc_boxes(plan.rrc, height, width)).to(self.device)
+        elif not self.cifar_sized:
+            aug["boxes"] = centre_box(height, width, self.device).expand(len(plan.indices), 4)
+            aug["flip"] = torch.zeros(len(plan.indices), device=self.device)
         for part in plan.batches():
             batch = self.images[indices[part]]
             if plan.crop_x is not None:
                 batch = pad_crop_flip(batch, aug["crop_x"][part], aug["crop_y"][part], aug["flip"][part])
-            elif plan.rrc is not None:
-                batch = resized_crop_flip(batch, plan.rrc[part], plan.flip[part])
-            elif not self.cifar_sized:
-                batch = resize_centre_crop(batch)
+            elif "boxes" in aug:  # ImageNet-sized: random-resized crop (train) or resize + centre crop (eval)
+                batch = affine_crop(batch, aug["boxes"][part], aug["flip"][part])
             yield self._normalise(batch), self.labels[indices[part]]
 
     def _normalise(self, batch: torch.Tensor) -> torch.Tensor:
@@ -63,22 +68,19 @@ def pad_crop_flip(batch: torch.Tensor, crop_x: torch.Tensor, crop_y: torch.Tenso
     return padded.view(n, c, -1).gather(2, window).view(n, c, h, w)
 
 
-def resized_crop_flip(batch: torch.Tensor, rrc: np.ndarray, flip: np.ndarray) -> torch.Tensor:
-    """Random-resized crop to 224 + flip for a batch of equal-sized images as one affine grid_sample."""
-    n, _, h, w = batch.shape
-    boxes = np.array([rrc_box(r, h, w) for r in rrc], np.float32)  # n x (top, left, crop_h, crop_w): cheap
-    return _affine_crop(batch, torch.from_numpy(boxes).to(batch.device), torch.from_numpy(flip).to(batch.device))
+def rrc_boxes(rrc: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The random-resized-crop boxes (top, left, crop_h, crop_w) of equal-sized images, as float32 rows."""
+    return np.array([rrc_box(r, height, width) for r in rrc], np.float32).reshape(-1, 4)
 
 
-def resize_centre_crop(batch: torch.Tensor) -> torch.Tensor:
+def centre_box(height: int, width: int, device) -> torch.Tensor:
     """Eval recipe: shorter side to 256, centre 224 crop, i.e. the central 224/256 of the shorter side."""
-    n, _, h, w = batch.shape
-    side = min(h, w) * IMAGENET_CROP / IMAGENET_RESIZE
-    box = torch.tensor([(h - side) / 2, (w - side) / 2, side, side], device=batch.device).expand(n, 4)
-    return _affine_crop(batch, box, torch.zeros(n, device=batch.device))
+    side = min(height, width) * IMAGENET_CROP / IMAGENET_RESIZE
+    return torch.tensor([[(height - side) / 2, (width - side) / 2, side, side]], device=device)
 
 
-def _affine_crop(batch: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+def affine_crop(batch: torch.Tensor, boxes: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+    """Crop each image to its box (top, left, h, w), resize to 224, mirror where flip: one grid_sample."""
     n, _, h, w = batch.shape
     top, left, crop_h, crop_w = boxes.unbind(1)
     sign = 1 - 2 * flip.float()

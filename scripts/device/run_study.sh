@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU numbers of issues 3, 4 and 8 on the GPU machine, as a few `run` calls (docs/gpu-runbook.md). A session
-# has 15 minutes of device time, the machine's start included, so each plan is one call of ~7-9 minutes:
+# has 15 minutes of device time, the machine's start included, so each plan is one call of at most 9 minutes:
 #
 #   bash scripts/device/run_study.sh bench    # carry .device/p1: loader, train-step rows, fused and packed trials,
 #                                             #   ResNet-20 on the full paper recipe through `orchestrate sweep`
@@ -15,8 +15,8 @@
 #
 # Every call first sources unpack.sh (whatever has arrived gets installed), tees everything into $OUT/study.log,
 # appends benchmark JSON lines to $OUT/bench.jsonl, ends with `collect` (the MLflow sqlite store, reports, the
-# generated specs, Ray's trial logs in $OUT/results.tar.gz) and stops within CALL_BUDGET seconds (bench 480,
-# else 540: inside the tool's 10 minutes): a stage that would not fit is skipped and says so; a sweep is stopped
+# generated specs, Ray's trial logs in $OUT/results.tar.gz) and stops within CALL_BUDGET seconds (default 540,
+# inside the tool's 10 minutes): a stage that would not fit is skipped and says so; a sweep is stopped
 # (SIGINT, then what is left of its session is ended by PID) in time for collect, and a later `sweep` on the
 # same machine resumes it from its checkpoints.
 #
@@ -31,7 +31,7 @@ HERE=$ROOT/scripts/device
 export OUT=${OUT:-/tmp/out}
 export STUDY=${STUDY:-/tmp/study} DATA_DIR=${DATA_DIR:-/tmp/data}
 PY=${PY:-python3}
-case " $* " in *" bench "*) CALL_BUDGET=${CALL_BUDGET:-480} ;; *) CALL_BUDGET=${CALL_BUDGET:-540} ;; esac
+CALL_BUDGET=${CALL_BUDGET:-540}
 # 15 device-minutes a session: 6 nets at half the schedule fit one 9-minute call (~7 min of sweep at the MPS
 # rates of ../shared/docs/gpu.md); ResNet-110 alone needs ~11 min at 64k iterations (docs/gpu-runbook.md).
 SWEEP_ITERS=${SWEEP_ITERS:-32000}
