@@ -86,3 +86,15 @@ def test_unpack_extracts_a_whole_bundle_at_once_and_a_split_one_when_its_last_pi
     out = unpack(root, tmp_path)
     assert (site / "extra_mod.py").read_text() == "NAME = 'extra_mod'\n"
     assert "p4 is damaged" in out and "extracted core.tar.xz" not in out  # extracted once, not again
+
+
+def test_summarize_turns_bench_rows_into_markdown_and_keeps_failed_cells(tmp_path):
+    from importlib.util import module_from_spec, spec_from_file_location
+    spec = spec_from_file_location("summarize", REPO / "scripts" / "device" / "summarize.py")
+    summarize = module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    eager, graph = bench("--steps", "eager,graph")
+    text = summarize.tables([eager, graph, {"bench": "loader", "cmd": "gpu b512", "images_per_s": 1234567.8}])
+    assert f"| resnet20 | eager | 1 | {summarize.cell(eager['images_per_s'])} |" in text
+    assert "| resnet20 | graph |" in text and "needs a CUDA GPU" in text  # the failed cell stays, with why
+    assert "| gpu b512 |" in text and "1,234,567.8" in text
