@@ -20,8 +20,8 @@
 # (SIGINT, then what is left of its session is ended by PID) in time for collect, and a later `sweep` on the
 # same machine resumes it from its checkpoints.
 #
-# Knobs (environment): CALL_BUDGET  SWEEP_ITERS=32000 (half the paper's schedule: what fits a session;
-#   64000 is the recipe)  SWEEP_MODELS=resnet56,plain56,resnet44,resnet32,resnet20,plain20
+# Knobs (environment): CALL_BUDGET  SWEEP_ITERS=24000 (3/8 of the paper's schedule: what one call can finish,
+#   docs/gpu-runbook.md; 64000 is the recipe)  SWEEP_MODELS=resnet56,plain56,resnet44,resnet32,resnet20,plain20
 #   SWEEP_SEEDS=0  SWEEP_FUSE=1 (e.g. SWEEP_SEEDS=0,1,2 SWEEP_FUSE=3: each model's seeds as one fused process)
 #   STUDY=/tmp/study  DATA_DIR=/tmp/data  ENSEMBLE_TOP=6  OUT (the tool sets it; default /tmp/out)
 set -uo pipefail
@@ -32,9 +32,9 @@ export OUT=${OUT:-/tmp/out}
 export STUDY=${STUDY:-/tmp/study} DATA_DIR=${DATA_DIR:-/tmp/data}
 PY=${PY:-python3}
 CALL_BUDGET=${CALL_BUDGET:-540}
-# 15 device-minutes a session: 6 nets at half the schedule fit one 9-minute call (~7 min of sweep at the MPS
-# rates of ../shared/docs/gpu.md); ResNet-110 alone needs ~11 min at 64k iterations (docs/gpu-runbook.md).
-SWEEP_ITERS=${SWEEP_ITERS:-32000}
+# 15 device-minutes a session: the `study` call leaves the sweep ~360 s; 6 nets at 24k iterations are ~315 s
+# at gpu.md's CUDA-graph rates with MPS's 1.7x. ResNet-110 alone needs ~11 min at 64k (docs/gpu-runbook.md).
+SWEEP_ITERS=${SWEEP_ITERS:-24000}
 SWEEP_MODELS=${SWEEP_MODELS:-resnet56,plain56,resnet44,resnet32,resnet20,plain20}
 SWEEP_SEEDS=${SWEEP_SEEDS:-0}
 ENSEMBLE_TOP=${ENSEMBLE_TOP:-6}
@@ -211,7 +211,7 @@ for a in "$@"; do
     --dry-run) DRY=1 ;;
     bench) STAGES+=(unpack loader train fuse mps pack paper20 compile20 collect) ;;
     bench2) STAGES+=(unpack compile20 compile56 loader_compare fuse_more compile110 collect) ;;
-    study) RESERVE=${RESERVE:-120}; STAGES+=(unpack mps spec sweep report ensemble collect) ;;
+    study) RESERVE=${RESERVE:-90}; STAGES+=(unpack mps spec sweep report ensemble collect) ;;
     unpack|mps|loader|loader_compare|train|fuse|fuse_more|pack|paper20|compile20|compile56|compile110|spec|sweep|report|ensemble|collect) STAGES+=("$a") ;;
     *) echo "run_study.sh: unknown stage $a (see the top of this file)" >&2; exit 2 ;;
   esac
