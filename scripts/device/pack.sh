@@ -6,8 +6,8 @@
 #        client, Ray Tune; scripts/device/wheels.txt), installed here for the GPU machine's Python and packed
 #        with xz -9. Ray goes without its Java jars and its web UI (the sweep starts Ray without a dashboard):
 #        that takes Ray from a 79 MB wheel to ~26 MB, so everything the sweep needs arrives in ONE call.
-#   p2…  (--dali only) dali.tar.xz, NVIDIA DALI + nvJPEG/nvImageCodec (~0.5 GB of wheels), split in pieces,
-#        one more call each.
+#   p2…  (--dali only) dali.tar.xz, NVIDIA DALI + nvJPEG/nvImageCodec (523 MB of wheels, 974 MB installed,
+#        244 MiB as xz), split in pieces: p2-p6, one more call each.
 # Each folder stays under --part-mb MB on disk and apparent (du -s), so that a `run` call carrying it stays
 # under the tool's 64 MiB with the working tree (~0.6 MB). Wheels are cached in .device/cache/PYVER and built
 # bundles in .device/build (rebuilt only when their wheel list or this script changes).
@@ -58,14 +58,15 @@ wheel_of() {  # requirement -> its cached wheel
 
 bundle() {  # bundle NAME REQFILE -> $DEV/build/NAME-$PYVER.tar.xz: the wheels installed into one site folder
   local name=$1 reqs=$2 out=$DEV/build/$1-$PYVER.tar.xz
-  local key; key=$(cat "$reqs" "$0" | sha256sum | cut -c1-16)
+  # rebuilt when what goes into it changes (not when a comment of this script does: DALI's takes ~5 min)
+  local key; key=$( (cat "$reqs"; echo "${PRUNE[*]} ${PLATFORM_ARGS[*]}") | sha256sum | cut -c1-16)
   if [ -f "$out" ] && [ "$(cat "$out.key" 2>/dev/null)" = "$key" ]; then echo "$out"; return; fi
   local tmp wheels=(); tmp=$(mktemp -d)
   while read -r req; do wheels+=("$(wheel_of "$req")"); done < <(requirements "$reqs")
   "$PY" -m pip install -q --no-deps --no-index --no-compile --target "$tmp/site" "${PLATFORM_ARGS[@]}" \
     "${wheels[@]}" 2> >(grep -v '^WARNING: Location' >&2)
   (cd "$tmp/site" && rm -rf "${PRUNE[@]}" bin)  # bin/: entry points with this machine's interpreter in them
-  echo "pack.sh: $name: $(du -sm "$tmp/site" | cut -f1) MB installed, packing with xz -9 (about a minute)" >&2
+  echo "pack.sh: $name: $(du -sm "$tmp/site" | cut -f1) MB installed, packing with xz -9 (here: core ~1 min, dali ~4.5)" >&2
   mkdir -p "$DEV/build"
   tar -C "$tmp/site" -cf - . | xz -9 -T0 > "$out.tmp" && mv "$out.tmp" "$out" && echo "$key" > "$out.key"
   rm -rf "$tmp"
