@@ -58,7 +58,7 @@ def images_per_second(macs_per_image: float, graph: bool = True) -> float:
 
 def gpu_hours(cfg: TrainConfig) -> float:
     macs = model_multiply_adds(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))
-    graph = cfg.step in ("auto", "graph")
+    graph = cfg.step in ("auto", "graph", "compile_graph")
     return train_images(cfg) / images_per_second(macs, graph) / 3600
 
 

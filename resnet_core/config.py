@@ -101,7 +101,9 @@ class TrainConfig(Section):
     batch_size: int = Field(128, ge=1, description="global batch; each of W ranks takes batch_size / W")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
-    step: Literal["auto", "eager", "compile", "graph"] = Field("auto", description="auto: graph on CUDA, eager on CPU")
+    step: Literal["auto", "eager", "compile", "graph", "compile_graph"] = Field(
+        "auto", description="auto: graph on one CUDA GPU, else eager; compile_graph: torch.compile'd model, whole "
+                            "step in one CUDA graph (fewer, fused kernels; compiles for minutes on deep nets)")
     channels_last: bool = True
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

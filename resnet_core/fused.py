@@ -77,8 +77,8 @@ def check_fusable(cfgs: list[TrainConfig], device: torch.device | None = None) -
     cfg = cfgs[0]
     if cfg.dist.engine != "ddp":
         raise ConfigError("dist.engine: fused trials train in one process without DeepSpeed; use ddp (the default)")
-    if cfg.step == "compile":
-        raise ConfigError("step: fused trials run eager or as one CUDA graph (graph/auto), not compile")
+    if cfg.step in ("compile", "compile_graph"):
+        raise ConfigError(f"step: fused trials run eager or as one CUDA graph (graph/auto), not {cfg.step}")
     if device is not None and resolve_precision(cfg, device) == "fp16":
         raise ConfigError("precision: fp16 needs loss scaling; fused trials use bf16 or fp32")
 

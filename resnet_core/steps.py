@@ -95,10 +95,12 @@ class GraphStep(EagerStep):
     The warm-up iterations that capture needs are undone, so the run follows the same recipe as eager mode.
     """
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.device):
+    def __init__(self, cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.device,
+                 compile: bool = False):
         if env.enabled:
-            raise ConfigError("step: 'graph' trains one GPU per trial; use eager or compile with DDP")
-        super().__init__(cfg, model, env, device)
+            raise ConfigError(f"step: {cfg.step!r} trains one GPU per trial; use eager or compile with DDP")
+        # compile=True: the capture records torch.compile's fused kernels (compiled during the warm-up steps)
+        super().__init__(cfg, model, env, device, compile=compile)
         self.lr = torch.tensor(cfg.optim.lr, device=device)
         self.optimizer = sgd(cfg, model.parameters(), self.lr, fused=True)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -216,8 +218,8 @@ def build_step(cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.d
     if cfg.dist.engine == "deepspeed":
         return DeepSpeedStep(cfg, model, env, device)
     kind = resolve_step(cfg, device, env.world_size)
-    if kind == "graph":
+    if kind in ("graph", "compile_graph"):
         if device.type != "cuda":
-            raise ConfigError("step: 'graph' needs a CUDA GPU; use eager or compile on CPU")
-        return GraphStep(cfg, model, env, device)
+            raise ConfigError(f"step: {kind!r} needs a CUDA GPU; use eager or compile on CPU")
+        return GraphStep(cfg, model, env, device, compile=kind == "compile_graph")
     return EagerStep(cfg, model, env, device, compile=kind == "compile")

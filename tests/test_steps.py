@@ -17,10 +17,10 @@ from resnet_core.steps import EagerStep, GraphStep, build_step, resolve_step
 CPU = torch.device("cpu")
 
 
-def make(kind, seed: int = 0):
+def make(kind, seed: int = 0, **kw):
     torch.manual_seed(seed)
     cfg = build_config({"model": {"name": "resnet_cifar", "depth": 8}, "precision": "fp32"})
-    return kind(cfg, create_model("resnet_cifar", depth=8), DistEnv(), CPU)
+    return kind(cfg, create_model("resnet_cifar", depth=8), DistEnv(), CPU, **kw)
 
 
 def batches(iters: int):
@@ -74,8 +74,10 @@ def test_undoing_the_capture_warm_up_keeps_a_resumed_runs_momentum():
     assert all(torch.equal(weights[k], v) for k, v in graph.model.state_dict().items())
 
 
-def test_undoing_the_warm_up_of_a_fresh_run_leaves_zero_momentum_and_the_first_step_of_sgd():
-    graph, eager = make(GraphStep), make(EagerStep)
+@pytest.mark.parametrize("compile", [False, True], ids=["graph", "compile_graph"])
+def test_undoing_the_warm_up_of_a_fresh_run_leaves_zero_momentum_and_the_first_step_of_sgd(compile):
+    graph, eager = make(GraphStep, compile=compile), make(EagerStep)
+    assert isinstance(graph.net, torch._dynamo.eval_frame.OptimizedModule) == compile
     saved = graph.snapshot()
     warm_up(graph, 3)
     graph.restore(saved)
@@ -94,7 +96,8 @@ def test_auto_is_a_graph_on_one_gpu_and_eager_for_ddp_or_cpu():
     assert resolve_step(cfg, CPU) == "eager"
 
 
-def test_graph_on_cpu_is_a_one_line_config_error():
-    cfg = build_config({"model": {"name": "resnet_cifar", "depth": 8}, "step": "graph"})
-    with pytest.raises(ConfigError, match="step: 'graph' needs a CUDA GPU"):
+@pytest.mark.parametrize("kind", ["graph", "compile_graph"])
+def test_graph_on_cpu_is_a_one_line_config_error(kind):
+    cfg = build_config({"model": {"name": "resnet_cifar", "depth": 8}, "step": kind})
+    with pytest.raises(ConfigError, match=f"step: '{kind}' needs a CUDA GPU"):
         build_step(cfg, create_model("resnet_cifar", depth=8), DistEnv(), CPU)

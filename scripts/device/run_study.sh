@@ -4,12 +4,13 @@
 #
 #   bash scripts/device/run_study.sh bench    # carry .device/p1: loader, train-step rows, fused and packed trials,
 #                                             #   ResNet-20 on the full paper recipe through `orchestrate sweep`
-#   bash scripts/device/run_study.sh bench2   # (same machine, if >= 4 min are left) torch.compile rows, loader table
+#   bash scripts/device/run_study.sh compile  # what time is left (session A or C): torch.compile rows, and
+#                                             #   compile_graph (compiled kernels inside the one-graph step)
 #   bash scripts/device/run_study.sh study    # carry .device/p1 (another session): the cifar_depth sweep, report,
 #                                             #   ensemble
 #   bash scripts/device/run_study.sh STAGE... # any stages in order: unpack mps loader loader_compare train fuse
-#                                             #   fuse_more pack paper20 compile20 compile56 compile110 spec sweep
-#                                             #   report ensemble collect
+#                                             #   fuse_more pack paper20 compile20 compile56 compile110
+#                                             #   compile_graph20 compile_graph110 spec sweep report ensemble collect
 #   bash scripts/device/run_study.sh --dry-run [STAGE...]   # print the plan; `spec` writes the sweep copy and
 #                                             #   runs `orchestrate sweep --dry-run` on it (works on a CPU machine)
 #
@@ -103,6 +104,9 @@ stage_train()      { fits 60 train && bench train --models resnet20,resnet56,res
 stage_compile20()  { fits 90 compile20 && bench compile20 --models resnet20 --steps compile --iters 200 --min-seconds 3; }
 stage_compile56()  { fits 150 compile56 && bench compile56 --models resnet56 --steps compile --iters 100 --min-seconds 3; }
 stage_compile110() { fits 200 compile110 && bench compile110 --models resnet110 --steps compile --iters 100 --min-seconds 3; }
+# torch.compile's fused kernels inside the one-graph step: the lever left for ResNet-110 (issue 8's <= 10 min)
+stage_compile_graph20()  { fits 90 compile-graph20 && bench compile-graph20 --models resnet20 --steps compile_graph --iters 200 --min-seconds 3; }
+stage_compile_graph110() { fits 200 compile-graph110 && bench compile-graph110 --models resnet110 --steps compile_graph --iters 100 --min-seconds 3; }
 stage_fuse() {  # issue 8: ResNet-20 trials horizontally fused (K members in one CUDA graph), one process
   fits 45 fuse || return 0
   bench fuse8 --models resnet20 --steps graph --fuse 8 --iters 100 --min-seconds 3
@@ -210,9 +214,10 @@ for a in "$@"; do
   case $a in
     --dry-run) DRY=1 ;;
     bench) STAGES+=(unpack loader train fuse mps pack paper20 compile20 collect) ;;
-    bench2) STAGES+=(unpack compile20 compile56 loader_compare fuse_more compile110 collect) ;;
+    compile) STAGES+=(unpack compile20 compile_graph20 compile_graph110 compile56 compile110 fuse_more collect) ;;
     study) RESERVE=${RESERVE:-90}; STAGES+=(unpack mps spec sweep report ensemble collect) ;;
-    unpack|mps|loader|loader_compare|train|fuse|fuse_more|pack|paper20|compile20|compile56|compile110|spec|sweep|report|ensemble|collect) STAGES+=("$a") ;;
+    unpack|mps|loader|loader_compare|train|fuse|fuse_more|pack|paper20|compile20|compile56|compile110|\
+    compile_graph20|compile_graph110|spec|sweep|report|ensemble|collect) STAGES+=("$a") ;;
     *) echo "run_study.sh: unknown stage $a (see the top of this file)" >&2; exit 2 ;;
   esac
 done
