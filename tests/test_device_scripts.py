@@ -7,7 +7,9 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, SHARED
+
+CIFAR_JPEG = SHARED / "datasets" / "cifar10-jpeg.tar.gz"
 
 BENCH = REPO / "scripts" / "device" / "bench_train.py"
 
@@ -98,3 +100,31 @@ def test_summarize_turns_bench_rows_into_markdown_and_keeps_failed_cells(tmp_pat
     assert f"| resnet20 | eager | 1 | {summarize.cell(eager['images_per_s'])} |" in text
     assert "| resnet20 | graph |" in text and "needs a CUDA GPU" in text  # the failed cell stays, with why
     assert "| gpu b512 |" in text and "1,234,567.8" in text
+
+
+RUN_STUDY = REPO / "scripts" / "device" / "run_study.sh"
+
+
+@pytest.mark.parametrize("plan, stages", [
+    ("bench", ["loader-gpu", "train", "fuse8", "pack-graph", "fuse-pack", "pack-graph8", "sweep for", "compile20"]),
+    ("study", ["sweep for"]),
+    ("compile", ["compile20", "compile-graph20", "compile-graph110", "compile56", "compile110", "fuse16"]),
+])
+def test_each_device_plan_dry_runs_its_stages_in_order(tmp_path, plan, stages):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PY": sys.executable, "OUT": str(tmp_path / "out"),
+           "STUDY": str(tmp_path / "study"), "DATA_DIR": str(tmp_path / "data"), "STAGE": str(tmp_path / "stage"),
+           "SITE": str(tmp_path / "site"), "DEVICE_ROOT": str(tmp_path / "root")}
+    if plan == "study":  # the sweep copy is validated against its data: the real archive, where run_study puts it
+        if not CIFAR_JPEG.exists():
+            pytest.skip(f"{CIFAR_JPEG} is absent (../shared beside the repo)")
+        (tmp_path / "data").mkdir()
+        (tmp_path / "data" / CIFAR_JPEG.name).symlink_to(CIFAR_JPEG)
+    out = subprocess.run(["bash", str(RUN_STUDY), "--dry-run", plan], env=env, capture_output=True, text=True,
+                         timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    begun = [line.split("BEGIN ", 1)[1] for line in out.stdout.splitlines() if "BEGIN " in line]
+    positions = [next(i for i, b in enumerate(begun) if b.startswith(s)) for s in stages]
+    assert positions == sorted(positions), begun
+    assert "left in this call" not in out.stdout  # a dry run takes no time: no stage is skipped for time
+    if plan == "study":  # the sweep copy was written and dry-run by the orchestrator itself
+        assert "dry run: nothing submitted" in out.stdout and (tmp_path / "study" / "cifar_depth_gpu.yaml").exists()
