@@ -170,10 +170,11 @@ def test_slurmd_killed_mid_trial_the_job_is_requeued_and_the_trial_completes(slu
     job; the worker itself keeps running meanwhile (slurmstepd is not slurmd's child). `up` restarts the slurmd;
     on registration SLURM kills the stray copy ("on wrong node") with SIGKILL; the requeued job then resumes the
     trial from its newest checkpoint, in the same MLflow run."""
-    # The worker must outlive the ~30 s until the node is declared DOWN: 300 iterations are 45-85 s of training on
-    # one core of this machine (0.15-0.28 s an iteration; on a quiet machine it had reached 210 when requeued).
+    # The worker is paused from the kill until the requeue (pause_training), so it outlives the ~30 s until the
+    # node is declared DOWN on any machine; 300 iterations keep the resumed run short.
     total = 300
     proc, uri = start_one_slurm_trial(slurm_cluster, tmp_path, total)
+    workers: list[int] = []
     try:
         job_id, run_id, before, node = running_slurm_trial(slurm_cluster, tmp_path, uri, proc)
         workers = processes_of_job(job_id)
@@ -181,6 +182,7 @@ def test_slurmd_killed_mid_trial_the_job_is_requeued_and_the_trial_completes(slu
         slurmd = slurm_cluster.pid(f"slurmd-{node}")
         killed_at = time.monotonic()
         os.kill(slurmd, signal.SIGKILL)
+        paused = pause_training(workers)  # alive, but not finishing, until SLURM has acted
 
         # The controller notices (SlurmdTimeout=15 s) and requeues the batch job; the worker has no idea.
         wait_for("node down and the job requeued", lambda: slurm_cluster.nodes().get(node, "").startswith("down")
@@ -190,7 +192,8 @@ def test_slurmd_killed_mid_trial_the_job_is_requeued_and_the_trial_completes(slu
         steps_meanwhile = max_step(uri, "faults")[run_id]
         assert stray, "the job's processes died with slurmd: not the fault under test"
 
-        slurm_cluster.up()  # slurmd back; SLURM kills the copy it no longer owns
+        resume_training(paused)  # the stray copy trains on when slurmd comes back ...
+        slurm_cluster.up()  # ... and SLURM kills the copy it no longer owns
         wait_for("the stray copy killed by SLURM", lambda: not [p for p in stray if Path(f"/proc/{p}").exists()
                                                                and "\nState:\tZ" not in _status(p)], 60, proc)
         # SLURM holds the requeued job until cred_expire (15 s here) has passed. Do NOT lift that hold here (as the
@@ -199,6 +202,7 @@ def test_slurmd_killed_mid_trial_the_job_is_requeued_and_the_trial_completes(slu
         # signal 9 one second after it started on the same node).
         rc, out = finish(proc, timeout=240)
     finally:
+        resume_training(workers)  # a process left stopped would outlive the test
         slurm_cluster.up()  # both nodes for the tests that follow, whatever happened here
     assert rc == 0, out[-3000:]
 
@@ -222,8 +226,9 @@ def test_slurmd_stays_dead_the_requeued_copy_takes_over_and_the_stray_copy_stops
     """slurmd killed and *not* restarted: SLURM requeues the job onto the other node while the first copy still
     trains on the dead one (nothing can kill it there). The requeued copy claims the trial folder; the stray copy
     sees the claim at its next log point and stops without writing; one run, each step once."""
-    total = 700  # the stray must still be training ~60 s after the kill, when the requeued copy starts
+    total = 700  # long enough that the stray, resumed at the takeover, reaches a log point before its end
     proc, uri = start_one_slurm_trial(slurm_cluster, tmp_path, total)
+    stray: list[int] = []
     try:
         job_id, run_id, before, node = running_slurm_trial(slurm_cluster, tmp_path, uri, proc)
         other = {"n1": "n2", "n2": "n1"}[node]
@@ -231,9 +236,11 @@ def test_slurmd_stays_dead_the_requeued_copy_takes_over_and_the_stray_copy_stops
         assert stray, "no process of the job found"
         os.kill(slurm_cluster.pid(f"slurmd-{node}"), signal.SIGKILL)
         killed_at = time.monotonic()
+        paused = pause_training(stray)  # alive, but not finishing, until the requeued copy runs (see there)
         wait_for(f"the job running again on {other}", lambda: slurm_cluster.state(job_id) == "RUNNING" and
                  slurm_cluster.run("squeue", "-h", "-j", job_id, "-o", "%N").stdout.strip() == other, 180, proc)
         restarted_after = time.monotonic() - killed_at
+        resume_training(paused)  # two copies of the trial now train at once: the fault under test
         alive = [p for p in stray if Path(f"/proc/{p}").exists() and "\nState:\tZ" not in _status(p)]
         assert alive, "the stray copy had ended before the requeued one started: not the fault under test"
         step_at_takeover = max_step(uri, "faults")[run_id]
@@ -243,6 +250,7 @@ def test_slurmd_stays_dead_the_requeued_copy_takes_over_and_the_stray_copy_stops
         stopped_after = time.monotonic() - killed_at
         rc, out = finish(proc, timeout=300)
     finally:
+        resume_training(stray)  # a process left stopped would outlive the test
         slurm_cluster.up()  # the dead slurmd back, for the tests that follow
     assert rc == 0, out[-3000:]
     (run,) = trial_runs(uri, "faults")
@@ -255,6 +263,28 @@ def test_slurmd_stays_dead_the_requeued_copy_takes_over_and_the_stray_copy_stops
     report_fact("slurmd_stays_dead", node=node, requeued_on=other, step_at_kill=before,
                 restarted_after_s=round(restarted_after, 1), step_at_takeover=step_at_takeover,
                 stray_stopped_after_s=round(stopped_after, 1), sacct=states)
+
+
+def pause_training(pids: list[int]) -> list[int]:
+    """SIGSTOP the job's Python processes (the submitit worker that trains), not its shell or srun.
+
+    The faults below need the first copy alive through windows whose length is SLURM's (~30-60 s until a node is
+    DOWN and the job requeued), while a training iteration here takes 0.07-0.28 s depending on the machine: a
+    fast one finished the whole trial before SLURM acted (seen in CI). A paused copy is still a live process of the
+    job, as a slow one would be; SLURM's SIGKILL ends it all the same."""
+    python = [p for p in pids if "python" in cmdline(p).split(" ", 1)[0]]
+    assert python, [cmdline(p) for p in pids]
+    for pid in python:
+        os.kill(pid, signal.SIGSTOP)
+    return python
+
+
+def resume_training(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
 
 def _status(pid: int) -> str:
