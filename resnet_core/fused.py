@@ -380,6 +380,8 @@ class FusedTrainer:
                     break
             if self.iteration % steps_per_epoch == 0 and (self.iteration // steps_per_epoch) % \
                     self.cfgs[0].eval.every_epochs == 0 and self.iteration < total:
+                if self.device.type == "cuda":  # the queued training steps are training time, not evaluation's
+                    torch.cuda.synchronize(self.device)
                 eval_started = time.perf_counter()
                 self.log_eval(self.evaluate_all(), epoch + 1)
                 started += time.perf_counter() - eval_started  # evaluation is not training time

@@ -159,6 +159,8 @@ class Trainer:
                     break
             if self.iteration % steps_per_epoch == 0 and (self.iteration // steps_per_epoch) % \
                     self.cfg.eval.every_epochs == 0 and self.iteration < total:
+                if self.device.type == "cuda":  # the queued training steps are training time, not evaluation's
+                    torch.cuda.synchronize(self.device)
                 eval_started = time.perf_counter()
                 self.log_eval(self.evaluate_all(), epoch + 1)
                 started += time.perf_counter() - eval_started  # evaluation is not training time
