@@ -36,8 +36,8 @@ from .models import create_model
 from .schedule import LRSchedule
 from .steps import AUTOCAST_DTYPES, resolve_precision, resolve_step, sgd
 from .tracking import Tracker
-from .train import (Interrupted, Report, install_stop_handlers, log_trial_artifacts, open_run, pick_device,
-                    restore_rng, trial_state)
+from .train import (Interrupted, Report, epoch_evaluation_due, install_stop_handlers, log_trial_artifacts, open_run,
+                    pick_device, restore_rng, timed, trial_state)
 
 # What may differ between the members of one fused group: everything else must be equal.
 FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
@@ -371,6 +371,10 @@ class FusedTrainer:
                 if self.iteration % self.log_every == 0 or self.iteration == total:
                     self.log_train(lrs, started)
                     started = time.perf_counter()
+                if epoch_evaluation_due(self.iteration, steps_per_epoch, self.cfgs[0].eval.every_epochs, total):
+                    # as Trainer.loop: before the checkpoint and the stop check, and not training time
+                    started += timed(lambda: self.log_eval(self.evaluate_all(), self.iteration // steps_per_epoch),
+                                     self.device)
                 if self.iteration % self.checkpoint_every == 0:
                     self.save_checkpoints()
                 if self.stop_requested:  # one process: no ranks to agree with, check every step
@@ -378,13 +382,6 @@ class FusedTrainer:
                     raise Interrupted(f"stopped at iteration {self.iteration}")
                 if self.iteration >= total or not self.alive():
                     break
-            if self.iteration % steps_per_epoch == 0 and (self.iteration // steps_per_epoch) % \
-                    self.cfgs[0].eval.every_epochs == 0 and self.iteration < total:
-                if self.device.type == "cuda":  # the queued training steps are training time, not evaluation's
-                    torch.cuda.synchronize(self.device)
-                eval_started = time.perf_counter()
-                self.log_eval(self.evaluate_all(), epoch + 1)
-                started += time.perf_counter() - eval_started  # evaluation is not training time
 
     def request_stop(self) -> None:
         self.stop_requested = True

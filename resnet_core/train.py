@@ -148,6 +148,11 @@ class Trainer:
                     self.log_train(sums, lr, started)
                     sums.zero_()
                     started = time.perf_counter()
+                if epoch_evaluation_due(self.iteration, steps_per_epoch, self.cfg.eval.every_epochs, total):
+                    # Before the checkpoint and the stop check: a run stopped at an epoch's end has evaluated it
+                    # (resumed from there it starts the next epoch). Its time is not training time.
+                    started += timed(lambda: self.log_eval(self.evaluate_all(), self.iteration // steps_per_epoch),
+                                     self.device)
                 if self.iteration % self.cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                 # Several ranks agree on stopping with an all-reduce, a host sync: every STOP_CHECK_EVERY steps only.
@@ -157,13 +162,6 @@ class Trainer:
                     raise Interrupted(f"stopped at iteration {self.iteration}")
                 if self.iteration >= total:
                     break
-            if self.iteration % steps_per_epoch == 0 and (self.iteration // steps_per_epoch) % \
-                    self.cfg.eval.every_epochs == 0 and self.iteration < total:
-                if self.device.type == "cuda":  # the queued training steps are training time, not evaluation's
-                    torch.cuda.synchronize(self.device)
-                eval_started = time.perf_counter()
-                self.log_eval(self.evaluate_all(), epoch + 1)
-                started += time.perf_counter() - eval_started  # evaluation is not training time
 
     def check_fence(self) -> None:
         """Stop if another copy of this trial claimed it since we did (rank 0 reads; one all-reduce tells all)."""
@@ -343,6 +341,20 @@ def log_trial_artifacts(tracker: Tracker, cfg: TrainConfig, state_dict: dict[str
         tracker.write_metrics_csv(tmp / "metrics.csv")
         for name in ("config.yaml", "model.pt", "metrics.csv"):
             tracker.log_artifact(tmp / name)
+
+
+def epoch_evaluation_due(iteration: int, steps_per_epoch: int, every_epochs: int, total: int) -> bool:
+    """At the end of every `every_epochs`-th epoch, except the last iteration (the final evaluation covers it)."""
+    return iteration % steps_per_epoch == 0 and (iteration // steps_per_epoch) % every_epochs == 0 and iteration < total
+
+
+def timed(work: Callable[[], Any], device: torch.device) -> float:
+    """Seconds `work` takes, counted from when the steps queued before it have run (theirs is training time)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
 
 
 def report_to_file(path: str) -> Report:

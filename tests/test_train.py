@@ -88,11 +88,32 @@ def test_resume_after_interruption_is_exact(tmp_path):
     with pytest.raises(Interrupted):
         train(cfg, report=interrupt_after_first_epoch)
     (stopped,) = checkpoint.checkpoint_files(Path(cfg["checkpoint"]["root"]) / straight["trial_key"])[:1]
-    assert 16 < int(stopped.name.split("-")[1]) < 40  # written by the signal, mid-run
+    assert int(stopped.name.split("-")[1]) == 16  # the signal came in epoch 1's evaluation: stopped right after it
     resumed = train(cfg)
     assert resumed["run_id"] == runs_of(cfg)[0].info.run_id and len(runs_of(cfg)) == 1
     assert resumed["test_loss"] == straight["test_loss"]  # bit-identical: same batches, same order
     assert history(cfg, resumed["run_id"]) == history(tiny_config(tmp_path / "a"), straight["run_id"])
+
+
+def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_evaluation(tmp_path, monkeypatch):
+    """SIGTERM arriving while the checkpoint at an epoch's last step is written (seen in CI: a SLURM requeue lost
+    val_error at step 18). The resumed run starts the next epoch, so the evaluation must come before the stop."""
+    from resnet_core.train import Trainer
+    straight = train(tiny_config(tmp_path / "a", checkpoint={"every": 16}))
+    cfg = tiny_config(tmp_path / "b", checkpoint={"every": 16})
+    save = Trainer.save_checkpoint
+    def save_then_signal(self):
+        save(self)
+        if self.iteration == 16:  # epoch 1 of 16 steps ends here
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_signal)
+    with pytest.raises(Interrupted, match="iteration 16"):
+        train(cfg)
+    monkeypatch.undo()
+    resumed = train(cfg)
+    want = history(tiny_config(tmp_path / "a"), straight["run_id"], "test_error")
+    assert [s for s, _ in want] == [16, 32, 40]
+    assert history(cfg, resumed["run_id"], "test_error") == want
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
