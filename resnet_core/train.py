@@ -392,5 +392,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if result["status"] == "FINISHED" else 1
 
 
+def exit_worker(code: int) -> None:
+    """Exit a worker process. A distributed rank skips the interpreter's teardown: there, C++ destructors of
+    torch.distributed / DeepSpeed state aborted a rank after its run had FINISHED ("terminate called without an
+    active exception", exit -6; 2 of 4 CI runs, never alone), and the launcher then failed the whole trial.
+    By now the trial's metrics, checkpoints, run status and result line are written; only stdio needs a flush."""
+    if distributed.read_env().enabled:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_worker(main())
