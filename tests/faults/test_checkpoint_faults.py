@@ -45,9 +45,9 @@ def test_corrupt_checkpoints_are_rejected_and_the_newest_good_one_used(tmp_path,
     cfg = tiny_config(tmp_path, uri, total=TOTAL, checkpoint={"keep": 3})
     folder = tmp_path / "ckpt" / trial_key(build_config(cfg))
     with pytest.raises(Interrupted):
-        train(cfg, report=stop_after_epoch(2))  # stops at iteration 33, after the checkpoints at 20 and 30
+        train(cfg, report=stop_after_epoch(2))  # stops at iteration 32 (epoch 2 evaluated), after checkpoints 20, 30
     newest, second, good = checkpoint.checkpoint_files(folder)
-    assert [int(p.name[5:14]) for p in (newest, second, good)] == [33, 30, 20]
+    assert [int(p.name[5:14]) for p in (newest, second, good)] == [32, 30, 20]
     truncate(newest)  # a copy cut short (a node died while the file was copied to another filesystem)
     flip_a_byte(second)  # same length, one bit wrong: only the checksum can tell
 
