@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from resnet_core.config import TrainConfig
+from resnet_core.config import GRAPH_STEPS, TrainConfig
 
 # Measured on one H100, batch 128, bf16, whole step in one CUDA graph (../shared/docs/gpu.md):
 # model multiply-adds per image -> training images/s.
@@ -58,7 +58,7 @@ def images_per_second(macs_per_image: float, graph: bool = True) -> float:
 
 def gpu_hours(cfg: TrainConfig) -> float:
     macs = model_multiply_adds(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))
-    graph = cfg.step in ("auto", "graph", "compile_graph")
+    graph = cfg.step == "auto" or cfg.step in GRAPH_STEPS
     return train_images(cfg) / images_per_second(macs, graph) / 3600
 
 

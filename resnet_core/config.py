@@ -96,6 +96,9 @@ class EvalConfig(Section):
     batch_size: int = Field(1000, ge=1)
 
 
+GRAPH_STEPS = ("graph", "compile_graph")  # the step modes that capture the whole step in one CUDA graph
+
+
 class TrainConfig(Section):
     seed: int = 0
     batch_size: int = Field(128, ge=1, description="global batch; each of W ranks takes batch_size / W")

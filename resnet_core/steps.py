@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ConfigError, TrainConfig
+from .config import GRAPH_STEPS, ConfigError, TrainConfig
 from .distributed import DistEnv
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -156,9 +156,14 @@ class GraphStep(EagerStep):
         for key, value in self.model.state_dict().items():
             value.copy_(saved["model"][key])
         for param, state in self.optimizer.state.items():
-            if state.get("momentum_buffer") is not None:
-                before = saved["momentum"].get(param)
-                state["momentum_buffer"].copy_(before) if before is not None else state["momentum_buffer"].zero_()
+            buffer = state.get("momentum_buffer")
+            if buffer is None:
+                continue
+            before = saved["momentum"].get(param)
+            if before is None:
+                buffer.zero_()
+            else:
+                buffer.copy_(before)
 
 
 class DeepSpeedStep(EagerStep):
@@ -218,7 +223,7 @@ def build_step(cfg: TrainConfig, model: nn.Module, env: DistEnv, device: torch.d
     if cfg.dist.engine == "deepspeed":
         return DeepSpeedStep(cfg, model, env, device)
     kind = resolve_step(cfg, device, env.world_size)
-    if kind in ("graph", "compile_graph"):
+    if kind in GRAPH_STEPS:
         if device.type != "cuda":
             raise ConfigError(f"step: {kind!r} needs a CUDA GPU; use eager or compile on CPU")
         return GraphStep(cfg, model, env, device, compile=kind == "compile_graph")

@@ -55,7 +55,7 @@ _unpack_main() {
   export PYTHONUNBUFFERED=1 MLFLOW_DISABLE_TELEMETRY=true RAY_USAGE_STATS_ENABLED=0 DO_NOT_TRACK=1
   export PATH=$site/bin:$PATH
 
-  # 4. what works now (one process; ~3 s); and the data, decoded once into the project's cache
+  # 3. what works now (one process; ~3 s); and the data, decoded once into the project's cache
   UNPACK_SITE=$site "$py" - "$data" <<'PY'
 import importlib, sys, time
 from pathlib import Path
