@@ -6,6 +6,8 @@ the loop can run ahead of the GPU; the trainer reads the sums only at log points
 from __future__ import annotations
 
 import contextlib
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -176,6 +178,7 @@ class DeepSpeedStep(EagerStep):
         optimizer = sgd(cfg, model.parameters(), cfg.optim.lr)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size, self.precision))
+        unlink_shm_allreduce_buffer(env)
 
     def autocast(self):
         return contextlib.nullcontext()  # the engine casts the model itself
@@ -201,6 +204,21 @@ class DeepSpeedStep(EagerStep):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.engine.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+
+
+def unlink_shm_allreduce_buffer(env: DistEnv) -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce segment (69 MB in /dev/shm) once every rank has it open.
+
+    DeepSpeed (0.19) creates one segment a rank when all ranks share a host and never unlinks it, so every master
+    port used leaves ~69 MB a rank in /dev/shm for good. The mappings outlive the name: unlinking it now frees the
+    memory when the ranks exit, crashed or not. DeepSpeed's initialize returns only after a rank has opened all its
+    peers' segments, hence the barrier before the unlink.
+    """
+    if not env.enabled or not torch.distributed.is_initialized():
+        return
+    torch.distributed.barrier()
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{env.rank}").unlink(missing_ok=True)
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, precision: str) -> dict[str, Any]:

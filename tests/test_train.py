@@ -344,6 +344,8 @@ def test_deepspeed_launcher_runs_the_worker_built_by_the_launch_module(tmp_path,
                                  deepspeed=str(BIN / "deepspeed"))[:-1]  # run_distributed appends the config
     got = run_distributed(tmp_path, "ds-launcher", [launcher], ds_cfg)
     assert_same_curve(got, want, **DDP_TOLERANCE)
+    # the launcher sets LOCAL_SIZE, so DeepSpeed's shared-memory all-reduce ran: its segments must not outlive it
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29562_*"))
 
 
 def test_train_keys_lists_every_config_key_with_its_default(capsys):
