@@ -308,10 +308,10 @@ def trial_state(iteration: int, warmup_ended: bool, best_val_error: float, step_
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    """The RNG states trial_state saved."""
-    torch.set_rng_state(state["rng_cpu"])
+    """The RNG states trial_state saved (as CPU byte tensors, whatever device the checkpoint was loaded onto)."""
+    torch.set_rng_state(state["rng_cpu"].cpu())
     if device.type == "cuda" and "rng_cuda" in state:
-        torch.cuda.set_rng_state(state["rng_cuda"])
+        torch.cuda.set_rng_state(state["rng_cuda"].cpu())
 
 
 def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
