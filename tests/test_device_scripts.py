@@ -106,9 +106,10 @@ RUN_STUDY = REPO / "scripts" / "device" / "run_study.sh"
 
 
 @pytest.mark.parametrize("plan, stages", [
-    ("bench", ["loader-gpu", "train", "fuse8", "pack-graph", "fuse-pack", "pack-graph8", "sweep for", "compile20"]),
+    ("bench", ["loader-gpu", "train", "fuse8", "pack-graph", "fuse-pack", "pack-graph8", "sweep for", "gputests",
+               "compile20"]),
     ("study", ["sweep for"]),
-    ("compile", ["compile20", "compile-graph20", "compile-graph110", "compile56", "compile110", "fuse16"]),
+    ("compile", ["gputests", "compile20", "compile-graph20", "compile-graph110", "compile56", "compile110", "fuse16"]),
 ])
 def test_each_device_plan_dry_runs_its_stages_in_order(tmp_path, plan, stages):
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PY": sys.executable, "OUT": str(tmp_path / "out"),

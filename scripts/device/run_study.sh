@@ -9,7 +9,7 @@
 #   bash scripts/device/run_study.sh study    # carry .device/p1 (another session): the cifar_depth sweep, report,
 #                                             #   ensemble
 #   bash scripts/device/run_study.sh STAGE... # any stages in order: unpack mps loader loader_compare train fuse
-#                                             #   fuse_more pack paper20 compile20 compile56 compile110
+#                                             #   fuse_more pack paper20 gputests compile20 compile56 compile110
 #                                             #   compile_graph20 compile_graph110 spec sweep report ensemble collect
 #   bash scripts/device/run_study.sh --dry-run [STAGE...]   # print the plan; `spec` writes the sweep copy and
 #                                             #   runs `orchestrate sweep --dry-run` on it (works on a CPU machine)
@@ -122,6 +122,10 @@ stage_fuse_more() {  # the eager fused row and 16 members
   bench fuse8-eager --models resnet20 --steps eager --fuse 8 --iters 50 --min-seconds 3
   bench fuse16 --models resnet20 --steps graph --fuse 16 --iters 50 --min-seconds 3
 }
+stage_gputests() {  # the CUDA-only paths against eager steps and across a resume (tests/test_gpu.py)
+  fits 90 gputests || return 0
+  (cd "$ROOT" && run gputests "$PY" -m pytest -q -x -p no:cacheprovider tests/test_gpu.py)
+}
 stage_paper20() {  # issue 4: ResNet-20, the paper's full recipe (64k iterations), through `orchestrate sweep`
   fits 210 paper20 || return 0
   local spec=$STUDY/paper_resnet20.yaml
@@ -213,10 +217,10 @@ STAGES=()
 for a in "$@"; do
   case $a in
     --dry-run) DRY=1 ;;
-    bench) STAGES+=(unpack loader train fuse mps pack paper20 compile20 collect) ;;
-    compile) STAGES+=(unpack compile20 compile_graph20 compile_graph110 compile56 compile110 fuse_more collect) ;;
+    bench) STAGES+=(unpack loader train fuse mps pack paper20 gputests compile20 collect) ;;
+    compile) STAGES+=(unpack gputests compile20 compile_graph20 compile_graph110 compile56 compile110 fuse_more collect) ;;
     study) RESERVE=${RESERVE:-90}; STAGES+=(unpack mps spec sweep report ensemble collect) ;;
-    unpack|mps|loader|loader_compare|train|fuse|fuse_more|pack|paper20|compile20|compile56|compile110|\
+    unpack|mps|loader|loader_compare|train|fuse|fuse_more|pack|paper20|gputests|compile20|compile56|compile110|\
     compile_graph20|compile_graph110|spec|sweep|report|ensemble|collect) STAGES+=("$a") ;;
     *) echo "run_study.sh: unknown stage $a (see the top of this file)" >&2; exit 2 ;;
   esac
