@@ -322,12 +322,13 @@ class FusedTrainer:
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self) -> list[dict[str, Any]]:
         self.claims = [checkpoint.claim(m.folder) for m in self.members]  # one trial, one writer (see checkpoint)
-        self.resume()
+        states = self.load_checkpoints()
         for m in self.members:
             if m.cfg.tracking.enabled:
                 m.tracker, m.run_id = open_run(m.cfg, m.key, m.run_id, 1, m.rejected)
         restore = install_stop_handlers(self.request_stop)
         try:
+            self.apply_checkpoints(states)  # in the try: checkpoints that do not fit fail the runs, with the reason
             self.loop()
             final = self.evaluate_all()
             self.save_checkpoints()
@@ -450,24 +451,29 @@ class FusedTrainer:
             m.tracker.log_metrics(metrics, self.iteration)
 
     # -- checkpoints: one per member, in its own trial folder ---------------------------------------------
-    def resume(self) -> None:
+    def load_checkpoints(self) -> list[dict[str, Any] | None]:
+        """Each member's newest good checkpoint (None: afresh); they must be at one iteration. Sets the run ids."""
         if not self.cfgs[0].checkpoint.resume:
-            return
+            return [None] * len(self.members)
         states = []
         for m in self.members:
             state, m.rejected = checkpoint.load_latest(m.folder, map_location=self.device)
+            m.run_id = state["run_id"] if state else None
             states.append(state)
         iterations = {s["iteration"] if s else 0 for s in states}
         if len(iterations) > 1:
             raise checkpoint.CheckpointError(
                 f"fused trials {', '.join(m.key for m in self.members)} have checkpoints at different iterations "
                 f"({sorted(iterations)}); fused members step together: run them with fuse: 1 to finish them")
+        return states
+
+    def apply_checkpoints(self, states: list[dict[str, Any] | None]) -> None:
         for m, state in zip(self.members, states):
             if state is None:
                 continue
             self.step.load_member_state(m.index, state["step"])
             self.iteration, m.warmup_ended = state["iteration"], state["warmup_ended"]
-            m.best_val_error, m.run_id = state["best_val_error"], state["run_id"]
+            m.best_val_error = state["best_val_error"]
             self.window[m.index].copy_(state["window"].to(self.device))
             restore_rng(state, self.device)  # the same state in every member's checkpoint
 

@@ -105,10 +105,13 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         if self.env.is_main:
             self.claim = checkpoint.claim(self.folder)
-        self.run_id = self.resume()
+        state = self.load_checkpoint()
+        self.run_id = state["run_id"] if state else None
         self.start_tracking(self.run_id)
         restore = self.install_signal_handlers()
         try:
+            if state is not None:  # in the try: a checkpoint that does not fit fails its run, with the reason
+                self.apply_checkpoint(state)
             self.loop()
             result = self.finish()
         except Diverged as err:
@@ -231,20 +234,19 @@ class Trainer:
             self.tracker.end(status, tags)
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def resume(self) -> str | None:
-        """Load the newest good checkpoint of this trial; returns its MLflow run id."""
+    def load_checkpoint(self) -> dict[str, Any] | None:
+        """The newest good checkpoint of this trial (None: start afresh)."""
         if not self.cfg.checkpoint.resume:
             return None
-        state, rejected = checkpoint.load_latest(self.folder, map_location=self.device)
-        self.rejected_checkpoints = rejected
-        if state is None:
-            return None
+        state, self.rejected_checkpoints = checkpoint.load_latest(self.folder, map_location=self.device)
+        return state
+
+    def apply_checkpoint(self, state: dict[str, Any]) -> None:
         self.step.load_state_dict(state["step"])
         self.iteration, self.warmup_ended = state["iteration"], state["warmup_ended"]
         self.best_val_error = state["best_val_error"]
         self.window.copy_(state["window"])
         restore_rng(state, self.device)
-        return state["run_id"]
 
     def save_checkpoint(self) -> None:
         self.check_fence()

@@ -15,7 +15,7 @@ import yaml
 from mlflow import MlflowClient
 
 from resnet_core import checkpoint
-from resnet_core.config import ConfigError, build_config
+from resnet_core.config import ConfigError, build_config, trial_key
 from resnet_core.train import Interrupted, train
 
 from conftest import SHARED
@@ -135,6 +135,21 @@ def test_only_corrupt_checkpoints_is_an_error_not_a_silent_restart(tmp_path):
     only.write_bytes(b"garbage")
     with pytest.raises(checkpoint.CheckpointError, match="every checkpoint .* fails its checksum"):
         checkpoint.load_latest(folder)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_fails_its_run_with_the_reason(tmp_path):
+    """Not a run left RUNNING, which the next sweep would resume, and fail, for ever."""
+    cfg = tiny_config(tmp_path)
+    with pytest.raises(Interrupted):
+        train(cfg, report=lambda metrics: os.kill(os.getpid(), signal.SIGUSR1))
+    folder = checkpoint.checkpoint_files(Path(cfg["checkpoint"]["root"]) / trial_key(build_config(cfg)))[0].parent
+    state, _ = checkpoint.load_latest(folder)
+    del state["step"]["model"]["fc.weight"]  # e.g. written by another version of the model
+    checkpoint.save(folder, state["iteration"] + 1, state, keep=5)
+    with pytest.raises(RuntimeError, match="fc.weight"):
+        train(cfg)
+    (run,) = runs_of(cfg)
+    assert run.info.status == "FAILED" and "fc.weight" in run.data.tags["status_reason"]
 
 
 def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
