@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 
@@ -213,6 +214,16 @@ def test_missing_spec_file_is_named(tmp_path, capsys):
     assert orchestrate(["sweep", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
     assert "sweep spec not found" in err and "nope.yaml" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_asking_for_a_gpu_the_local_ray_lacks_is_one_line_not_a_wait_for_ever(tmp_path):
+    spec = smoke_spec(tmp_path, resources={"cpus": 1, "gpus": 0.5})
+    proc = sweep(tmp_path, spec)
+    output, _ = proc.communicate(timeout=120)  # Tune alone would wait, warning once a minute
+    assert proc.returncode == 2, output[-2000:]
+    assert "resources.gpus: each trial asks for 0.5 GPU but the Ray started on this machine has 0" in output
+    assert trial_runs(tmp_path, "smoke") == []
 
 
 def test_a_trial_can_run_as_a_torchrun_child_inside_its_ray_actor(tmp_path):

@@ -22,6 +22,7 @@ from typing import Any
 from ray import tune
 
 from .. import launch
+from ..cli import UserError
 from ..mps import mps_daemon
 from ..ledger import Ledger
 from ..trials import FusedGroup, SweepContext, Trial, fuse
@@ -157,12 +158,17 @@ class RayTuneBackend:
         if self._stack is not None:
             return
         self._stack = contextlib.ExitStack()
-        if 0 < self.spec.resources.gpus < 1 and not self.address:
-            self._stack.enter_context(mps_daemon(say))  # first: the Ray workers started next inherit its pipe
-        self.start_ray()
-        if not self.address:
-            import ray
-            self._stack.callback(ray.shutdown)
+        try:
+            if 0 < self.spec.resources.gpus < 1 and not self.address:
+                self._stack.enter_context(mps_daemon(say))  # first: the Ray workers started next inherit its pipe
+            self.start_ray()
+            if not self.address:
+                import ray
+                self._stack.callback(ray.shutdown)
+                check_fits_this_machine(self.spec.resources, ray.cluster_resources())
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self._stack is not None:
@@ -209,6 +215,16 @@ class RayTuneBackend:
             return
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
                  object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
+
+
+def check_fits_this_machine(resources, available: dict[str, float]) -> None:
+    """A trial that asks for more than the local Ray has would wait for ever (Tune only warns, every minute).
+    A remote cluster may be autoscaling, so only the Ray started here is checked."""
+    for key, name in (("gpus", "GPU"), ("cpus", "CPU")):
+        asked, have = getattr(resources, key), available.get(name, 0)
+        if asked > have:
+            raise UserError(f"resources.{key}: each trial asks for {asked:g} {name} but the Ray started on this "
+                            f"machine has {have:g} (no CUDA GPU visible?); lower it, or use a Ray cluster with GPUs (ray.address in a cluster profile)")
 
 
 class EventsCallback(tune.Callback):
