@@ -226,6 +226,17 @@ def test_asking_for_a_gpu_the_local_ray_lacks_is_one_line_not_a_wait_for_ever(tm
     assert trial_runs(tmp_path, "smoke") == []
 
 
+@pytest.mark.parametrize("conf, message", [(None, "SLURM does not answer (sinfo: fatal:"),
+                                           ("/nonexistent/slurm.conf", "SLURM_CONF=/nonexistent/slurm.conf is not a file")])
+def test_a_slurm_sweep_without_a_reachable_slurm_is_one_line(tmp_path, conf, message):
+    env = {k: v for k, v in os.environ.items() if k != "SLURM_CONF"} | ({"SLURM_CONF": conf} if conf else {})
+    out = subprocess.run([BIN / "orchestrate", "sweep", smoke_spec(tmp_path), "--backend", "slurm",
+                          "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not list(tmp_path.glob("runs/**/slurm/*/*"))
+
+
 def test_a_trial_can_run_as_a_torchrun_child_inside_its_ray_actor(tmp_path):
     """The path of multi-GPU trials: torchrun in the Tune actor, its reports relayed to Tune (1 CPU process here)."""
     base = yaml.safe_load(smoke_spec(tmp_path).read_text())["base"]

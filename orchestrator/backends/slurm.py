@@ -210,6 +210,7 @@ class SlurmBackend:
 
     # -- running ----------------------------------------------------------------------------------------------
     def run(self, trials: list[Trial], events: Events) -> None:
+        check_slurm_answers()
         self.folder.mkdir(parents=True, exist_ok=True)
         for trial in trials:
             fresh_report_file(self.report_file(trial.key))
@@ -360,6 +361,21 @@ def outcome(job, latest: dict[str, Any], key: str | None = None) -> tuple[str, d
     if state == "failed":
         info["reason"] = result.get("reason", "")
     return state, info
+
+
+def check_slurm_answers() -> None:
+    """Before the first sbatch: a controller that does not answer would surface as submitit's traceback."""
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not Path(conf).is_file():  # else sinfo retries for a minute
+        raise SpecError(f"backend slurm: SLURM_CONF={conf} is not a file")
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        raise SpecError("backend slurm: sinfo is not on PATH (not a SLURM login node?); try --backend ray") from None
+    if out.returncode != 0:
+        said = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        raise SpecError(f"backend slurm: SLURM does not answer ({said}); on the local test cluster run "
+                        "'eval \"$(cluster/local-slurm/up)\"' first: it exports SLURM_CONF")
 
 
 def cancel(job_id: str) -> None:
