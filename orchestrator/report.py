@@ -9,6 +9,8 @@
   degradation problem at a glance (plain nets get worse with depth, ResNets better).
 
 Only finished trials count (`orchestrator.runs.is_finished`); numbers are the runs' final MLflow metrics.
+Trials that differ in more than model and seed (two learning rates, say) are separate columns, labelled
+with what differs ("ResNet [optim.lr=0.05]"): the seeds column counts repeats of one experiment only.
 """
 from __future__ import annotations
 
@@ -31,10 +33,11 @@ class Trial:
     info: ModelInfo
     seed: str
     test_error: float
+    variant: str = ""  # the swept settings besides the model and the seed, e.g. "optim.lr=0.05"
 
     @property
     def family(self) -> str:
-        return family_of(self.info)
+        return family_of(self.info) + (f" [{self.variant}]" if self.variant else "")
 
 
 def family_of(info: ModelInfo) -> str:
@@ -45,6 +48,24 @@ def family_of(info: ModelInfo) -> str:
     extras += [info.unit] if info.unit != "original" else []
     extras += ["bottleneck"] if info.bottleneck else []
     return "ResNet" + (f" ({', '.join(extras)})" if extras else "")
+
+
+def is_plain(family: str) -> bool:
+    return family.split(" [")[0] == "plain"
+
+
+# Params that differ between trials without making them different experiments: the seed (a cell's repeats), the
+# model (a cell's family and depth), where a trial keeps its checkpoints and metrics.
+NOT_A_VARIANT = ("seed", "model.", "checkpoint.", "tracking.")
+
+
+def variants(runs) -> dict[str, str]:
+    """run id -> the settings that vary across the sweep's trials other than model and seed ("" if none): trials
+    that differ in lr are separate cells of the table, not seeds of one."""
+    keys = set().union(*(r.data.params for r in runs))
+    varying = sorted(k for k in keys if not k.startswith(NOT_A_VARIANT)
+                     and len({r.data.params.get(k) for r in runs}) > 1)
+    return {r.info.run_id: ", ".join(f"{k}={r.data.params.get(k, '-')}" for k in varying) for r in runs}
 
 
 @dataclass
@@ -75,8 +96,9 @@ def collect_trials(client, experiment) -> list[Trial]:
     runs = [r for r in finished_trials(client, experiment.experiment_id) if "test_error" in r.data.metrics]
     if not runs:
         raise UserError(f"sweep {experiment.name!r} has no finished trial with a test_error metric yet")
+    variant = variants(runs)
     return [Trial(r.info.run_id, run_label(r), model_info(r), r.data.params.get("seed", "?"),
-                  r.data.metrics["test_error"]) for r in runs]
+                  r.data.metrics["test_error"], variant[r.info.run_id]) for r in runs]
 
 
 def build_cells(client, trials: list[Trial], say=print) -> list[Cell]:
@@ -84,7 +106,7 @@ def build_cells(client, trials: list[Trial], say=print) -> list[Cell]:
     for t in trials:
         groups[(t.family, t.info.depth)].append(t)
     cells = []
-    for (family, depth), members in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "plain", kv[0][0])):
+    for (family, depth), members in sorted(groups.items(), key=lambda kv: (kv[0][1], not is_plain(kv[0][0]), kv[0][0])):
         members.sort(key=lambda t: t.run_id)
         cells.append(Cell(family, depth, f"{family}-{depth}", parameter_count(client, members, say),
                           [t.test_error for t in members], [t.run_id for t in members]))
@@ -108,7 +130,7 @@ def parameter_count(client, members: list[Trial], say=print) -> int | None:
 # -- Table 6 ------------------------------------------------------------------------------------------------
 def families(cells: list[Cell]) -> list[str]:
     """Column groups, plain first (the paper's left/right)."""
-    return sorted({c.family for c in cells}, key=lambda f: (f != "plain", f))
+    return sorted({c.family for c in cells}, key=lambda f: (not is_plain(f), f))
 
 
 def percent(value: float) -> str:
@@ -164,7 +186,7 @@ def plot_curves(client, cells: list[Cell], path: Path, sweep: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, residual in zip(axes, (False, True)):
-        side = [c for c in cells if (c.family != "plain") == residual]
+        side = [c for c in cells if (not is_plain(c.family)) == residual]
         for i, cell in enumerate(side):
             colour = colours[i % len(colours)]
             ax.plot(*mean_curve(client, cell.runs, "train_error"), linestyle="--", linewidth=1, color=colour)

@@ -113,3 +113,21 @@ def test_ambiguous_sweep_is_an_error(smoke_sweep, tmp_path, capsys):
     assert main(["report", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "holds 2 sweeps (other, smoke); choose one with --sweep" in err
+
+
+def test_trials_that_differ_in_more_than_model_and_seed_are_separate_cells(tmp_path):
+    """Two learning rates are two experiments, not two seeds of one (mean ± std over them would mislead)."""
+    from orchestrator.report import variants
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    experiment = client.create_experiment("variants", artifact_location=(tmp_path / "a").as_uri())
+
+    def trial(seed: int, lr: float, depth: int):
+        run = client.create_run(experiment)
+        for key, value in {"seed": seed, "optim.lr": lr, "model.name": "resnet_cifar", "model.depth": depth,
+                           "checkpoint.root": "/ckpt", "data.path": "synthetic"}.items():
+            client.log_param(run.info.run_id, key, value)
+        return client.get_run(run.info.run_id)
+
+    runs = [trial(0, 0.1, 8), trial(1, 0.1, 8), trial(0, 0.05, 14)]
+    assert list(variants(runs).values()) == ["optim.lr=0.1", "optim.lr=0.1", "optim.lr=0.05"]
+    assert list(variants(runs[:2]).values()) == ["", ""]  # seeds only: one cell
