@@ -55,6 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ValueError, FileNotFoundError) as err:  # SpecError and ConfigError are ValueErrors
         print(f"orchestrate {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: what was done is kept (finished trials, checkpoints); no traceback
+        print(f"orchestrate {args.command}: interrupted{AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)
+        return 130
+
+
+AFTER_INTERRUPT = {"sweep": "; finished trials are kept, run the same command again to resume the others"}
 
 
 if __name__ == "__main__":

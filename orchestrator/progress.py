@@ -48,7 +48,7 @@ class SweepProgress:
             self._live.update(self.render())
             self._live.__exit__(*exc)
         else:
-            self.log(f"sweep {self.name!r} done: {self.summary()}")
+            self.log(f"sweep {self.name!r} {'interrupted' if exc[0] else 'done'}: {self.summary()}")
 
     def update(self, trial_key: str, state: str, **info) -> None:
         with self._lock:
@@ -65,15 +65,20 @@ class SweepProgress:
     def counts(self) -> dict[str, int]:
         return {s: sum(1 for v in self.trials.values() if v.state == s) for s in STATES}
 
+    def unfinished(self) -> int:
+        counts = self.counts()
+        return counts["pending"] + counts["running"]
+
     def best(self) -> tuple[str, float] | None:
+        """The best final metric of the finished trials (a running trial's latest value is no result yet)."""
         scored = [(v.label, v.info[self.metric]) for v in self.trials.values()
-                  if isinstance(v.info.get(self.metric), (int, float))]
+                  if v.state == "finished" and isinstance(v.info.get(self.metric), (int, float))]
         return min(scored, key=lambda x: x[1]) if scored else None
 
     def eta_seconds(self) -> float | None:
         counts = self.counts()
         done = counts["finished"] + counts["failed"] + counts["stopped"]
-        remaining = counts["pending"] + counts["running"]
+        remaining = self.unfinished()
         if not done or not remaining:
             return None
         return (time.monotonic() - self.started) / done * remaining

@@ -108,6 +108,8 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
     with progress:
         if plan.to_run:
             backend.run(plan.to_run, progress)
+            if progress.unfinished():  # Tune returns (it does not raise) when Ctrl-C stopped it
+                raise KeyboardInterrupt
         elif hasattr(backend, "stop"):
             backend.stop()
     return {"started": len(plan.to_run), "skipped": len(skipped), **progress.counts()}

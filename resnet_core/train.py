@@ -291,10 +291,19 @@ class Trainer:
 
 
 def install_stop_handlers(request_stop: Callable[[], None]) -> Callable[[], None]:
-    """SIGTERM/SIGUSR1 ask for a checkpoint and a clean stop at the next step boundary; returns the undo."""
+    """SIGTERM/SIGUSR1 (SLURM, submitit) and Ctrl-C ask for a checkpoint and a clean stop at the next step
+    boundary; a second Ctrl-C stops at once, without one. Returns the undo."""
     if threading.current_thread() is not threading.main_thread():
         return lambda: None  # e.g. inside a Ray Tune trial thread: Ray stops trials its own way
-    previous = {s: signal.signal(s, lambda signum, frame: request_stop()) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    asked = []
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and asked:
+            raise KeyboardInterrupt
+        asked.append(signum)
+        request_stop()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
     return lambda: [signal.signal(s, h) for s, h in previous.items()]
 
 

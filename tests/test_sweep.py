@@ -88,6 +88,25 @@ def test_killed_orchestrator_then_rerun_finishes_only_the_missing_trials(tmp_pat
         assert steps == sorted(set(steps)) and steps[-1] == 60
 
 
+def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path):
+    spec = smoke_spec(tmp_path, base={**yaml.safe_load(smoke_spec(tmp_path).read_text())["base"],
+                                      "schedule": {"total": 60, "milestones": [40]}})
+    proc = sweep(tmp_path, spec, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not any(r.info.status == "FINISHED" for r in trial_runs(tmp_path, "smoke")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before Ctrl-C"
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
+    output, _ = proc.communicate(timeout=180)
+    assert proc.returncode == 130, output[-3000:]
+    assert "interrupted; finished trials are kept, run the same command again" in output, output[-3000:]
+    assert "Tuner.restore" not in output and "Traceback" not in output, output[-3000:]
+    output = finish(sweep(tmp_path, spec))
+    runs = trial_runs(tmp_path, "smoke")
+    assert sorted(Counter(r.data.tags["trial_key"] for r in runs).values()) == [1, 1, 1, 1]
+    assert all(r.info.status == "FINISHED" for r in runs), output[-2000:]
+
+
 def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path):
     output = finish(sweep(tmp_path, smoke_spec(tmp_path, "smoke_lr")))
     runs = trial_runs(tmp_path, "smoke_lr")

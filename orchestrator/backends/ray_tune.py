@@ -205,7 +205,10 @@ class RayTuneBackend:
                 "launcher": uses_launcher(self.spec, cfg), "workers": self.spec.resources.workers_per_node}
 
     def start_ray(self) -> None:
+        import logging
         import ray
+        # Tune's "Resume experiment with: Tuner.restore(...)" after Ctrl-C: here a re-run of the sweep resumes
+        logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore" not in record.getMessage())
         # Trials keep the sweep's working directory: relative data paths and stores mean the same there.
         os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
