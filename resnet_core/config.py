@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.config import DataConfig
 from .models import create_model, is_model, list_models
@@ -89,6 +89,20 @@ class TrackingConfig(Section):
     run_name: str | None = None
     log_every: int = Field(100, ge=1, description="iterations between train loss/error points")
     tags: dict[str, str] = Field(default_factory=dict, description="extra run tags (sweep name, trial id, ...)")
+
+    @field_validator("uri")
+    @classmethod
+    def _is_a_uri(cls, uri: str | None) -> str | None:
+        return uri if uri is None else check_tracking_uri(uri)
+
+
+def check_tracking_uri(uri: str) -> str:
+    """MLflow 3 refuses a bare path (its file store is retired) with a long traceback; say what to write."""
+    if "://" not in uri and not uri.startswith("databricks"):
+        store = uri if uri.endswith(".db") else "mlruns.db"
+        raise ValueError(f"tracking URI {uri!r} has no scheme: sqlite:///{store} is a local store, "
+                         "http://HOST:PORT a tracking server")
+    return uri
 
 
 class EvalConfig(Section):

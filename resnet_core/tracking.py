@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from .config import check_tracking_uri
+
 log = logging.getLogger(__name__)
 
 DEFAULT_URI = "sqlite:///mlruns.db"
@@ -58,7 +60,7 @@ def is_transient(err: Exception) -> bool:
 
 
 def tracking_uri(configured: str | None) -> str:
-    return configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    return check_tracking_uri(configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:

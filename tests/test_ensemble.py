@@ -164,6 +164,13 @@ def test_unknown_sweep_lists_the_sweeps(smoke_sweep, capsys):
     assert "no sweep 'nope'" in err and "sweeps: smoke" in err
 
 
+@pytest.mark.parametrize("command", [["ensemble", "--top", "2"], ["report"], ["status"]])
+def test_a_tracking_uri_without_scheme_is_one_line_saying_what_to_write(command, capsys):
+    assert main([*command, "--tracking-uri", "mlruns.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "tracking URI 'mlruns.db' has no scheme: sqlite:///mlruns.db" in err, err
+
+
 def artifact_file(client: MlflowClient, run_id: str, name: str) -> Path:
     return Path(unquote(urlparse(client.get_run(run_id).info.artifact_uri).path)) / name
 

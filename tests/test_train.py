@@ -166,6 +166,7 @@ def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     ("model.depth=21", "model.depth: depth 21 is not 6n+2"),
     ("model.shortcut=D", "model.shortcut:"),
     ("schedule.warmup.kind=slow", "schedule.warmup.kind:"),
+    ("tracking.uri=mlruns.db", "tracking.uri: tracking URI 'mlruns.db' has no scheme: sqlite:///mlruns.db is"),
 ])
 def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, override, key):
     cfg_path = write_config(tmp_path, tiny_config(tmp_path))
@@ -370,3 +371,9 @@ def test_train_keys_lists_every_config_key_with_its_default(capsys):
     out = capsys.readouterr().out
     for key in ("optim.lr", "schedule.warmup.until_train_error", "data.val_split", "dist.zero_stage"):
         assert key in out, key
+
+
+def test_train_takes_tracking_uri_like_every_command(capsys):
+    from orchestrator.cli import main as orchestrate
+    assert orchestrate(["train", "--tracking-uri", "sqlite:///elsewhere.db", "--print-config"]) == 0
+    assert "uri: sqlite:///elsewhere.db" in capsys.readouterr().out

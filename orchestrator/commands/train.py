@@ -8,6 +8,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR-10 recipe)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. optim.lr=0.05 model.depth=56")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow store, as tracking.uri (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and its trial key, train nothing")
     p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
 
@@ -25,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
             table.add_row(*row)
         Console().print(table)
         return 0
+    if args.tracking_uri:  # every orchestrate command takes --tracking-uri
+        args.set = [*args.set, f"tracking.uri={args.tracking_uri}"]
     if args.print_config:
         import yaml
         from resnet_core.config import load_config, trial_key
