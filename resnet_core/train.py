@@ -217,7 +217,7 @@ class Trainer:
         self.log({**metrics, "epoch": epoch})
         if self.report and self.env.is_main:
             self.report({**metrics, "iteration": self.iteration, "epoch": epoch, "trial_key": self.key,
-                         "run_id": self.run_id})
+                         "run_id": self.run_id, "total_iterations": self.schedule.total})
 
     # -- tracking -----------------------------------------------------------------------------------------
     def start_tracking(self, run_id: str | None) -> None:
@@ -375,14 +375,44 @@ def report_to_file(path: str) -> Report:
     return append
 
 
+def report_to_console() -> Report:
+    """A line on stderr per evaluation, so a long run shows it is alive (the JSON result comes on stdout)."""
+    started = time.monotonic()
+
+    def show(metrics: dict[str, Any]) -> None:
+        if "status" in metrics or "iteration" not in metrics:
+            return  # the final result: main prints it
+        errors = "  ".join(f"{k} {100 * metrics[k]:.2f}%" for k in ("val_error", "test_error") if k in metrics)
+        elapsed = int(time.monotonic() - started)
+        print(f"[{time.strftime('%H:%M:%S')}] epoch {metrics['epoch']}  iteration {metrics['iteration']}/"
+              f"{metrics.get('total_iterations', '?')}  {errors}  ({elapsed // 60}:{elapsed % 60:02d} elapsed)",
+              file=sys.stderr, flush=True)
+    return show
+
+
+def report_to(*reports: Report | None) -> Report:
+    chosen = [r for r in reports if r]
+    return lambda metrics: [r(metrics) for r in chosen]
+
+
+def warn_about_the_schedule(cfg: TrainConfig) -> None:
+    s = cfg.schedule
+    late = [m for m in s.milestones if m >= s.total]
+    if s.kind == "step" and late:
+        print(f"warning: schedule.milestones {', '.join(map(str, late))} >= schedule.total {s.total}: "
+              "the lr never drops there (set schedule.milestones too)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_core.train", description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR recipe)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override keys, e.g. optim.lr=0.05")
     args = parser.parse_args(argv)
-    report = report_to_file(os.environ[REPORT_FILE_ENV]) if os.environ.get(REPORT_FILE_ENV) else None
+    report = report_to(report_to_file(os.environ[REPORT_FILE_ENV]) if os.environ.get(REPORT_FILE_ENV) else None,
+                       report_to_console())
     try:
         cfg = load_config(args.config, args.set)
+        warn_about_the_schedule(cfg)
         result = train(cfg, report)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)

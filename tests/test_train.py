@@ -377,3 +377,14 @@ def test_train_takes_tracking_uri_like_every_command(capsys):
     from orchestrator.cli import main as orchestrate
     assert orchestrate(["train", "--tracking-uri", "sqlite:///elsewhere.db", "--print-config"]) == 0
     assert "uri: sqlite:///elsewhere.db" in capsys.readouterr().out
+
+
+def test_orchestrate_train_shows_each_evaluation_and_warns_of_milestones_past_the_end(tmp_path):
+    cfg = tiny_config(tmp_path, schedule={"total": 40, "milestones": [30, 50]})
+    proc = subprocess.run([BIN / "orchestrate", "train", write_config(tmp_path, cfg)], cwd=tmp_path,
+                          env=worker_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "warning: schedule.milestones 50 >= schedule.total 40" in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "] epoch " in line]
+    assert [line.split("] ", 1)[1].split("  test_error")[0] for line in lines] == [
+        "epoch 1  iteration 16/40", "epoch 2  iteration 32/40", "epoch 3  iteration 40/40"], proc.stderr
