@@ -129,3 +129,11 @@ def test_each_device_plan_dry_runs_its_stages_in_order(tmp_path, plan, stages):
     assert "left in this call" not in out.stdout  # a dry run takes no time: no stage is skipped for time
     if plan == "study":  # the sweep copy was written and dry-run by the orchestrator itself
         assert "dry run: nothing submitted" in out.stdout and (tmp_path / "study" / "cifar_depth_gpu.yaml").exists()
+
+
+def test_the_sweep_copy_never_asks_for_more_cpus_than_the_trials_at_once_can_share():
+    sys.path.insert(0, str(REPO / "scripts" / "device"))
+    from make_spec import cpus_per_trial
+    assert cpus_per_trial(2, 6, cores=16) == 2        # the default study: 6 trials x 2 CPUs fit
+    assert cpus_per_trial(2, 10, cores=16) == 1       # whole CPUs above 1 (Ray's rule)
+    assert cpus_per_trial(2, 18, cores=16) == 0.8888  # 18 trials at once on 16 cores

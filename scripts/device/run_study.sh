@@ -21,7 +21,7 @@
 # (SIGINT, then what is left of its session is ended by PID) in time for collect, and a later `sweep` on the
 # same machine resumes it from its checkpoints.
 #
-# Knobs (environment): CALL_BUDGET  SWEEP_ITERS=24000 (3/8 of the paper's schedule: what one call can finish,
+# Knobs (environment): CALL_BUDGET  SWEEP_ITERS=16000 (1/4 of the paper's schedule: what one call can finish,
 #   docs/gpu-runbook.md; 64000 is the recipe)  SWEEP_MODELS=resnet56,plain56,resnet44,resnet32,resnet20,plain20
 #   SWEEP_SEEDS=0  SWEEP_FUSE=1 (e.g. SWEEP_SEEDS=0,1,2 SWEEP_FUSE=3: each model's seeds as one fused process)
 #   STUDY=/tmp/study  DATA_DIR=/tmp/data  ENSEMBLE_TOP=6  OUT (the tool sets it; default /tmp/out)
@@ -33,9 +33,10 @@ export OUT=${OUT:-/tmp/out}
 export STUDY=${STUDY:-/tmp/study} DATA_DIR=${DATA_DIR:-/tmp/data}
 PY=${PY:-python3}
 CALL_BUDGET=${CALL_BUDGET:-540}
-# 15 device-minutes a session: the `study` call leaves the sweep ~360 s; 6 nets at 24k iterations are ~315 s
-# at gpu.md's CUDA-graph rates with MPS's 1.7x. ResNet-110 alone needs ~11 min at 64k (docs/gpu-runbook.md).
-SWEEP_ITERS=${SWEEP_ITERS:-24000}
+# 15 device-minutes a session: the `study` call leaves the sweep ~350 s; 6 nets at 16k iterations are ~360 s
+# one after another at gpu.md's CUDA-graph rates, packed on the GPU (MPS) well inside the 350 s; 24k would
+# likely cut the 56-layer nets (docs/gpu-runbook.md). ResNet-110 alone needs ~11 min at 64k.
+SWEEP_ITERS=${SWEEP_ITERS:-16000}
 SWEEP_MODELS=${SWEEP_MODELS:-resnet56,plain56,resnet44,resnet32,resnet20,plain20}
 SWEEP_SEEDS=${SWEEP_SEEDS:-0}
 ENSEMBLE_TOP=${ENSEMBLE_TOP:-6}
