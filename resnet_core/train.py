@@ -331,7 +331,8 @@ def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
     t = cfg.tracking
     tracker = Tracker(t.uri, t.experiment)
     run_id = run_id or tracker.find_run(key)
-    tags = {**environment_tags(world_size), "trial_key": key, **t.tags}
+    # kind=trial: a run of `orchestrate train` is a trial too, seen by status, report and ensemble
+    tags = {**environment_tags(world_size), "trial_key": key, "kind": "trial", **t.tags}
     params = flatten(cfg.model_dump(mode="json"))
     run_id = tracker.start(run_id, t.run_name or f"{cfg.model.name}-{key[:8]}", params, tags)
     if rejected_checkpoints:  # the event a user must see: a corrupt checkpoint was skipped

@@ -171,6 +171,23 @@ def test_a_tracking_uri_without_scheme_is_one_line_saying_what_to_write(command,
     assert err.count("\n") == 1 and "tracking URI 'mlruns.db' has no scheme: sqlite:///mlruns.db" in err, err
 
 
+def test_status_counts_the_trials_of_each_sweep_and_lists_one(smoke_sweep, capsys):
+    assert main(["status", "--tracking-uri", smoke_sweep.uri]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "smoke" in line and "│" in line]
+    # 8 trial runs: 6 finished, 1 failed, 1 stopped early by ASHA (sweep_runs.py)
+    assert [c.strip() for c in row.split("│")[1:-1]] == ["smoke", "8", "6", "0", "1", "1"]
+    assert main(["status", "smoke", "--tracking-uri", smoke_sweep.uri]) == 0
+    out = capsys.readouterr().out
+    assert "(8 trials)" in out and out.count("FINISHED") == 6 and "STOPPED (early)" in out
+    assert all(run_id[:12] in out for run_id in smoke_sweep.finished)
+
+
+def test_status_of_an_unknown_sweep_lists_the_sweeps(smoke_sweep, capsys):
+    assert main(["status", "nope", "--tracking-uri", smoke_sweep.uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.strip().endswith("sweeps there: smoke"), err  # not MLflow's 'Default'
+
+
 def artifact_file(client: MlflowClient, run_id: str, name: str) -> Path:
     return Path(unquote(urlparse(client.get_run(run_id).info.artifact_uri).path)) / name
 

@@ -72,6 +72,7 @@ def test_finishes_with_metrics_artifacts_and_tags(tmp_path):
     assert run.data.params["optim.lr"] == "0.1" and run.data.params["model.depth"] == "8"
     for tag in ("git_commit", "git_dirty", "host", "world_size", "torch_version", "trial_key"):
         assert tag in run.data.tags, tag
+    assert run.data.tags["kind"] == "trial"  # a run of `orchestrate train` is a trial for status/report/ensemble
     artifacts = {a.path for a in MlflowClient(cfg["tracking"]["uri"]).list_artifacts(run.info.run_id)}
     assert artifacts == {"config.yaml", "model.pt", "metrics.csv"}
     lrs = dict(history(cfg, run.info.run_id, "lr"))

@@ -19,6 +19,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from orchestrator.cli import UserError
+    from orchestrator.runs import sweep_names
     from orchestrator.sweep import absolute_uri, store_exists
     from resnet_core.tracking import tracking_uri
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     exp = client.get_experiment_by_name(args.sweep)
     if exp is None:
-        names = ", ".join(e.name for e in client.search_experiments())
+        names = ", ".join(sweep_names(client))
         raise UserError(f"no sweep named {args.sweep!r} in {uri}; sweeps there: {names or 'none'}")
     runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=50000,
                               order_by=["metrics.test_error ASC"])
