@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from resnet_core.config import format_validation_error
+from resnet_core.config import format_validation_error, read_yaml
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 BACKENDS = ("ray", "slurm")
@@ -160,17 +160,20 @@ def check_domain(key: str, domain: Any) -> None:
                          + (" (loguniform needs 0 < low < high)" if kind == "loguniform" else ""))
 
 
+TRIAL_SECTIONS = {"model", "data", "optim", "schedule", "dist"}  # top-level keys of a trial config, not of a spec
+
+
 def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepSpec, Path]:
     """Read and validate a sweep YAML; ``overrides`` are top-level fields from the command line (backend, ...)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"sweep spec not found: {path}")
-    try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    tree = read_yaml(path, SpecError)
     if not isinstance(tree, dict):
         raise SpecError(f"{path}: the top level must be a mapping (name, base, space, ...)")
+    if "name" not in tree and TRIAL_SECTIONS & tree.keys():
+        raise SpecError(f"{path} is a trial config, not a sweep spec: train it with `orchestrate train {path}`, "
+                        "or put it under base: in a sweep spec")
     tree.update({k: v for k, v in (overrides or {}).items() if v is not None})
     try:
         return SweepSpec.model_validate(tree), path
@@ -188,7 +191,7 @@ def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
     if found is None:
         raise SpecError(f"{spec_path}: cluster: profile {spec.cluster!r} not found (looked in "
                         f"{', '.join(str(c) for c in candidates)})")
-    profile = yaml.safe_load(found.read_text()) or {}
+    profile = read_yaml(found, SpecError) or {}
     if not isinstance(profile, dict):
         raise SpecError(f"{found}: a cluster profile must be a mapping")
     return profile

@@ -195,8 +195,20 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] | None =
     field_prefix = re.match(r"^([a-z_]+): (.*)$", message, re.S)
     if key and field_prefix:  # a section's own check names its field: fold it into the dotted key
         key, message = f"{key}.{field_prefix.group(1)}", field_prefix.group(2)
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    others = [".".join(str(p) for p in e["loc"]) or "(top level)" for e in err.errors()[1:]]
+    more = f" (also: {', '.join(others[:5])}{', ...' if len(others) > 5 else ''})" if others else ""
     return f"{key}: {message}{more}" if key and not message.startswith(key) else f"{message}{more}"
+
+
+def read_yaml(path: Path, error: type[ValueError]):
+    """A YAML file's content; a syntax error is one line naming the file, line and column."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise error(f"{path}{where}: not valid YAML ({what})") from None
 
 
 def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
@@ -215,12 +227,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        tree = read_yaml(path, ConfigError) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        if {"space", "base"} & tree.keys() and "name" in tree:
+            raise ConfigError(f"{path} is a sweep spec (name, base, space): run it with `orchestrate sweep {path}`")
     return build_config(tree, overrides)
 
 

@@ -221,7 +221,12 @@ def test_malformed_spec_is_one_line_naming_the_key_and_nothing_happens(tmp_path,
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "runs").exists()
 
 
-@pytest.mark.parametrize("text,message", [("name: [unclosed", "not valid YAML"), ("- a\n- b\n", "top level must be")])
+@pytest.mark.parametrize("text,message", [
+    ("name: [unclosed", "not valid YAML"),
+    ("name: x\nbase: {model: {depth: 8}\nspace: {}\n", "bad.yaml:3:1: not valid YAML (expected ',' or '}', but got '<scalar>')"),
+    ("- a\n- b\n", "top level must be"),
+    ("model: {depth: 8}\noptim: {lr: 0.1}\n", "is a trial config, not a sweep spec: train it with `orchestrate train"),
+])
 def test_spec_that_is_not_a_mapping_is_refused(tmp_path, capsys, text, message):
     path = tmp_path / "bad.yaml"
     path.write_text(text)

@@ -178,6 +178,13 @@ def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, overri
     assert not (tmp_path / "mlruns.db").exists()
 
 
+def test_a_sweep_spec_given_to_train_says_to_sweep_it(capsys):
+    from orchestrator.cli import main as orchestrate
+    from conftest import REPO
+    assert orchestrate(["train", str(REPO / "sweeps" / "smoke.yaml")]) == 2
+    assert "smoke.yaml is a sweep spec (name, base, space): run it with `orchestrate sweep" in capsys.readouterr().err
+
+
 def test_batch_not_divisible_by_world_size_is_refused_before_anything_is_logged(tmp_path, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "3")
