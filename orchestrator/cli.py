@@ -30,6 +30,14 @@ class UserError(Exception):
     """Bad input from the user: printed as one line, exit code 2, no traceback."""
 
 
+def console():
+    """rich's Console for the commands' tables. Piped or logged output gets 200 columns (rich would use 80 and
+    squash every cell), unless COLUMNS says otherwise."""
+    import os
+    from rich.console import Console
+    return Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orchestrate", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

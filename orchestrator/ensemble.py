@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from orchestrator.cli import UserError
-from orchestrator.runs import BrokenRun, load_config, load_model, model_info, run_label, top_runs
+from orchestrator.runs import BrokenRun, family_of, load_config, load_model, model_info, run_label, top_runs
 
 METHODS = ("mean", "weighted", "greedy")
 # The data params that decide which images a split holds: members must agree on all of them.
@@ -144,10 +144,8 @@ def member_predictions(client, run_id: str, split: str, cache: PredictionCache, 
 @dataclass
 class Member:
     run_id: str
-    label: str
-    model: str
-    depth: int | None
-    shortcut: str
+    label: str  # what the sweep set for this trial
+    model: str  # family and depth: "ResNet-20", "plain-56", "ResNet (option B)-32"
     seed: str
     selection_metric: float
     error: float = float("nan")
@@ -252,7 +250,7 @@ def check_same_data(runs: list) -> None:
 
 def describe(run, metric: str) -> Member:
     info = model_info(run)
-    return Member(run.info.run_id, run_label(run), info.name, info.depth, info.shortcut,
+    return Member(run.info.run_id, run_label(run), f"{family_of(info)}-{info.depth}",
                   run.data.params.get("seed", "?"), run.data.metrics[metric])
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from orchestrator.cli import UserError
-from orchestrator.runs import BrokenRun, ModelInfo, finished_trials, metric_history, model_info, run_label
+from orchestrator.runs import BrokenRun, ModelInfo, family_of, finished_trials, metric_history, model_info, run_label
 
 FILES = ("table6.md", "table6.json", "fig6_curves.png", "error_vs_depth.png")
 
@@ -38,16 +38,6 @@ class Trial:
     @property
     def family(self) -> str:
         return family_of(self.info) + (f" [{self.variant}]" if self.variant else "")
-
-
-def family_of(info: ModelInfo) -> str:
-    """'plain', or 'ResNet' plus whatever differs from the paper's CIFAR default (option A, original unit)."""
-    if info.plain:
-        return "plain"
-    extras = [f"option {info.shortcut}"] if info.shortcut != "A" else []
-    extras += [info.unit] if info.unit != "original" else []
-    extras += ["bottleneck"] if info.bottleneck else []
-    return "ResNet" + (f" ({', '.join(extras)})" if extras else "")
 
 
 def is_plain(family: str) -> bool:

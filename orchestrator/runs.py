@@ -166,8 +166,20 @@ def _param_value(text: str) -> Any:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def family_of(info: ModelInfo) -> str:
+    """'plain', or 'ResNet' plus whatever differs from the paper's CIFAR default (option A, original unit)."""
+    if info.plain:
+        return "plain"
+    extras = [f"option {info.shortcut}"] if info.shortcut != "A" else []
+    extras += [info.unit] if info.unit != "original" else []
+    extras += ["bottleneck"] if info.bottleneck else []
+    return "ResNet" + (f" ({', '.join(extras)})" if extras else "")
+
+
 def run_label(run) -> str:
-    return run.data.tags.get("mlflow.runName") or run.info.run_id[:8]
+    """What the sweep set for this trial ("model.depth=20 optim.lr=0.05"), else the run's name."""
+    tags = run.data.tags
+    return tags.get("trial_overrides") or tags.get("mlflow.runName") or run.info.run_id[:8]
 
 
 def metric_history(client, run_id: str, key: str) -> list[tuple[int, float]]:

@@ -98,6 +98,8 @@ def test_top3_end_to_end(smoke_sweep, tmp_path, capsys):
     assert main(["ensemble", "--top", "3", "--tracking-uri", smoke_sweep.uri, "--cache", str(cache)]) == 0
     out = capsys.readouterr().out
     assert "ensemble (mean, 3 members)" in out and "kind=ensemble" in out
+    # members are named as the report names them (plain-8, ResNet-14), not by the registry's resnet_cifar
+    assert any(f"│ {family}-{depth} " in out for family in ("ResNet", "plain") for depth in (8, 14)), out
     runs = ensemble_runs(client, smoke_sweep)
     assert len(runs) == before + 1
     logged = runs[0]

@@ -87,7 +87,7 @@ def _measure_or_skip(args: argparse.Namespace, name: str) -> dict:
 
 
 def _print_table(args: argparse.Namespace, rows: list[dict]) -> None:
-    from rich.console import Console
+    from orchestrator.cli import console
     from rich.table import Table
     measured = [r for r in rows if "images_per_s" in r]
     torch_rate = next((r["images_per_s"] for r in measured if r["loader"] == "torch"), None)
@@ -101,4 +101,4 @@ def _print_table(args: argparse.Namespace, rows: list[dict]) -> None:
             continue
         ratio = f"{r['images_per_s'] / torch_rate:.2f}" if torch_rate else "-"
         table.add_row(r["loader"], f"{r['images_per_s']:,.0f}", ratio, f"{r['first_batch_s']:.2f}")
-    Console().print(table)
+    console().print(table)

@@ -31,7 +31,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from rich.console import Console
+    from orchestrator.cli import console
     from orchestrator.cli import UserError
     from orchestrator.ensemble import build_ensemble, log_ensemble
     from orchestrator.runs import open_client, sweep_experiment
@@ -40,20 +40,22 @@ def run(args: argparse.Namespace) -> int:
     if args.rounds is not None and args.rounds < 1:
         raise UserError(f"--rounds {args.rounds}: must be at least 1")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    console = Console()
+    screen = console()
     client = open_client(args.tracking_uri)
     experiment = sweep_experiment(client, args.sweep)
     result = build_ensemble(client, experiment, top=args.top, metric=args.metric, split=args.split,
                             method=args.method, cache_dir=args.cache or DEFAULT_CACHE / experiment.name,
                             skip_broken=args.skip_broken, batch_size=args.batch_size, device=device,
-                            rounds=args.rounds, say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
-    console.print(result_table(result, experiment.name))
-    console.print(f"ensemble ({result.method}, {len(result.members)} members) {result.split} error "
-                  f"{100 * result.error:.2f}%; best member {100 * result.best_member_error:.2f}%; "
-                  f"gain {100 * result.gain:+.2f} points")
+                            rounds=args.rounds, say=lambda text: screen.print(f"[yellow]{text}[/yellow]"))
+    screen.print(result_table(result, experiment.name))
+    used = sum(m.weight > 0 for m in result.members)  # greedy selection may give a candidate no weight
+    members = f"{used} members" if used == len(result.members) else f"{used} of {len(result.members)} candidates"
+    screen.print(f"ensemble ({result.method}, {members}) "
+                 f"{result.split} error {100 * result.error:.2f}%; best member {100 * result.best_member_error:.2f}%; "
+                 f"gain {100 * result.gain:+.2f} points")
     if not args.no_log:
         run_id = log_ensemble(client, experiment, result)
-        console.print(f"logged MLflow run {run_id} (kind=ensemble) in experiment {experiment.name!r}")
+        screen.print(f"logged MLflow run {run_id} (kind=ensemble) in experiment {experiment.name!r}")
     return 0
 
 
@@ -61,10 +63,10 @@ def result_table(result, sweep: str):
     from rich.table import Table
     table = Table(title=f"Ensemble of sweep {sweep!r}: {result.method}, {result.split} split, "
                         f"members ranked by {result.metric}")
-    for column in ("run", "model", "depth", "shortcut", "seed", result.metric, "weight", f"{result.split} error"):
-        table.add_column(column, justify="left" if column in ("run", "model") else "right")
+    for column in ("run", "trial", "model", "seed", result.metric, "weight", f"{result.split} error"):
+        table.add_column(column, justify="left" if column in ("run", "trial", "model") else "right")
     for m in result.members:
-        table.add_row(m.run_id[:12], m.model, str(m.depth), m.shortcut, m.seed, f"{m.selection_metric:.4f}",
+        table.add_row(m.run_id[:12], m.label, m.model, m.seed, f"{m.selection_metric:.4f}",
                       f"{m.weight:.3f}", f"{100 * m.error:.2f}%")
-    table.add_row("ensemble", "", "", "", "", "", "1.000", f"{100 * result.error:.2f}%", style="bold")
+    table.add_row("ensemble", "", "", "", "", "1.000", f"{100 * result.error:.2f}%", style="bold")
     return table

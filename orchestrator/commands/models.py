@@ -21,7 +21,7 @@ def model_rows(pattern: str = "*") -> list[dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from orchestrator.cli import console
     from rich.table import Table
     rows = model_rows(args.pattern)
     if not rows:
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         table.add_row(r["name"], str(r["depth"]), f"{r['input']}x{r['input']}",
                       f"{r['params'] / 1e6:.2f}M", _human(r["macs"]))
-    Console().print(table)
+    console().print(table)
     return 0
 
 

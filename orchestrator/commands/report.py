@@ -15,19 +15,19 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+    from orchestrator.cli import console
     from rich.markdown import Markdown
     from orchestrator.report import log_report, write_report
     from orchestrator.runs import open_client, sweep_experiment
-    console = Console()
+    screen = console()
     client = open_client(args.tracking_uri)
     experiment = sweep_experiment(client, args.sweep)
     out = args.out or Path("reports") / experiment.name
-    cells, paths = write_report(client, experiment, out, say=lambda text: console.print(f"[yellow]{text}[/yellow]"))
-    console.print(Markdown(paths["table6.md"].read_text()))
+    cells, paths = write_report(client, experiment, out, say=lambda text: screen.print(f"[yellow]{text}[/yellow]"))
+    screen.print(Markdown(paths["table6.md"].read_text()))
     for path in paths.values():
-        console.print(f"wrote {path}")
+        screen.print(f"wrote {path}")
     if not args.no_log:
         run_id = log_report(client, experiment, cells, paths)
-        console.print(f"logged MLflow run {run_id} (kind=report) in experiment {experiment.name!r}")
+        screen.print(f"logged MLflow run {run_id} (kind=report) in experiment {experiment.name!r}")
     return 0

@@ -15,7 +15,7 @@ def trial_state(run) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
-    from rich.console import Console
+    from orchestrator.cli import console
     from rich.table import Table
 
     from orchestrator.cli import UserError
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
                 table.add_row(exp.name, str(len(runs)), str(states.count("FINISHED")),
                               str(sum(s in ("RUNNING", "KILLED", "SCHEDULED") for s in states)),
                               str(states.count("FAILED")), str(states.count("STOPPED (early)")))
-        Console().print(table)
+        console().print(table)
         return 0
     exp = client.get_experiment_by_name(args.sweep)
     if exp is None:
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
                       f"{m['epoch']:.0f}" if "epoch" in m else "", _fmt(m.get("test_error")),
                       _fmt(m.get("best_val_error")), r.info.run_id[:12],
                       tags.get("status_reason", "") if r.info.status != "FINISHED" else "")
-    Console(width=200).print(table)
+    console().print(table)
     return 0
 
 

@@ -16,7 +16,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.keys:
-        from rich.console import Console
+        from orchestrator.cli import console
         from rich.table import Table
         from resnet_core.config import field_docs
         table = Table(title="trial config keys (set in YAML or with --set key=value)")
@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
         table.add_column("meaning")
         for row in field_docs():
             table.add_row(*row)
-        Console().print(table)
+        console().print(table)
         return 0
     if args.tracking_uri:  # every orchestrate command takes --tracking-uri
         args.set = [*args.set, f"tracking.uri={args.tracking_uri}"]
