@@ -9,7 +9,7 @@ from resnet_core.tracking import tracking_uri
 
 from .backends import get_backend
 from .estimate import gpu_hours
-from .ledger import DONE, Ledger
+from .ledger import DONE, RESUME, Ledger
 from .progress import SweepProgress
 from .spec import load_cluster_profile, load_spec
 from .trials import FusedGroup, SweepContext, Trial, check_gpu_memory, expand, fuse, gpu_memory_plan
@@ -105,6 +105,8 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
     skipped = {k: r for k, r in plan.reason.items() if k not in {t.key for t in plan.to_run}}
     metric = ctx.spec.scheduler.asha.metric if ctx.spec.scheduler.asha else "test_error"
     progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
+    if plan.count(RESUME):
+        progress.log(f"sweep {ctx.spec.name!r}: {plan.count(RESUME)} interrupted trial(s) resume from their checkpoints")
     with progress:
         if plan.to_run:
             backend.run(plan.to_run, progress)

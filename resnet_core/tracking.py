@@ -29,6 +29,8 @@ import torch
 from .config import check_tracking_uri
 
 log = logging.getLogger(__name__)
+# "Creating initial MLflow database tables..." on every new store: noise in a user's terminal
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 DEFAULT_URI = "sqlite:///mlruns.db"
 MAX_BATCH = 1000  # MLflow's limit on metrics per log_batch call

@@ -102,6 +102,7 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path):
     assert "interrupted; finished trials are kept, run the same command again" in output, output[-3000:]
     assert "Tuner.restore" not in output and "Traceback" not in output, output[-3000:]
     output = finish(sweep(tmp_path, spec))
+    assert "interrupted trial(s) resume from their checkpoints" in output
     runs = trial_runs(tmp_path, "smoke")
     assert sorted(Counter(r.data.tags["trial_key"] for r in runs).values()) == [1, 1, 1, 1]
     assert all(r.info.status == "FINISHED" for r in runs), output[-2000:]
