@@ -9,6 +9,7 @@ import contextlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from typing import Callable, Iterator
 
@@ -16,6 +17,8 @@ MPS_ENV = ("CUDA_MPS_PIPE_DIRECTORY", "CUDA_MPS_LOG_DIRECTORY")
 
 
 def mps_unavailable_reason() -> str | None:
+    if os.environ.get("ORCHESTRATE_MPS") == "0":
+        return "ORCHESTRATE_MPS=0"
     if shutil.which("nvidia-cuda-mps-control") is None:
         return "nvidia-cuda-mps-control is not installed"
     import torch
@@ -42,6 +45,14 @@ def mps_daemon(say: Callable[[str], None]) -> Iterator[bool]:
     for folder in env.values():
         os.makedirs(folder)
     subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**os.environ, **env}, check=True)
+    # A daemon whose server cannot start stalls every CUDA client: one must get through before trials rely on it.
+    failed = cuda_client_fails({**os.environ, **env})
+    if failed:
+        subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env={**os.environ, **env})
+        shutil.rmtree(root, ignore_errors=True)
+        say(f"CUDA MPS: started but stopped again ({failed}); packed trials time-slice the GPU")
+        yield False
+        return
     previous = {name: os.environ.get(name) for name in MPS_ENV}
     os.environ.update(env)
     say(f"CUDA MPS: started (pipe {env['CUDA_MPS_PIPE_DIRECTORY']}); packed trials share the GPU concurrently")
@@ -55,3 +66,13 @@ def mps_daemon(say: Callable[[str], None]) -> Iterator[bool]:
             else:
                 os.environ[name] = value
         shutil.rmtree(root, ignore_errors=True)
+
+
+def cuda_client_fails(env: dict[str, str], timeout: float = 60.0) -> str | None:
+    """Why a fresh process cannot run a CUDA kernel in this environment (None: it can)."""
+    probe = "import torch; torch.ones(1, device='cuda').sum().item()"
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return f"no CUDA client got through it in {timeout:.0f} s"
+    return None if out.returncode == 0 else (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]

@@ -105,16 +105,31 @@ def test_summarize_turns_bench_rows_into_markdown_and_keeps_failed_cells(tmp_pat
 RUN_STUDY = REPO / "scripts" / "device" / "run_study.sh"
 
 
+def plan_env(tmp_path) -> dict[str, str]:
+    """run_study.sh's folders in tmp_path, nothing on PATH but the system's (as on the GPU machine)."""
+    return {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PY": sys.executable, "OUT": str(tmp_path / "out"),
+            "STUDY": str(tmp_path / "study"), "DATA_DIR": str(tmp_path / "data"), "STAGE": str(tmp_path / "stage"),
+            "SITE": str(tmp_path / "site"), "DEVICE_ROOT": str(tmp_path / "root")}
+
+
+def test_a_stage_started_under_timeout_reaches_the_orchestrator(tmp_path):
+    """`run` starts its command with timeout(1), which starts programs, not shell functions: the loader stage
+    once ran `orchestrate` (a function of the script) and failed with 'command not found' before measuring."""
+    subprocess.run(["bash", str(RUN_STUDY), "loader"], env=plan_env(tmp_path), capture_output=True, text=True,
+                   timeout=300, cwd=REPO)
+    log = (tmp_path / "out" / "study.log").read_text()
+    # here it fails as it must on a CPU machine, inside the orchestrator: one line, exit 2
+    assert "orchestrate bench-loader: error:" in log and "END loader-gpu: rc=2" in log, log[-2000:]
+
+
 @pytest.mark.parametrize("plan, stages", [
-    ("bench", ["loader-gpu", "train", "fuse8", "pack-graph", "fuse-pack", "pack-graph8", "sweep for", "gputests",
+    ("bench", ["gputests", "loader-gpu", "train", "fuse8", "pack-graph", "fuse-pack", "pack-graph8", "sweep for",
                "compile20"]),
     ("study", ["sweep for"]),
-    ("compile", ["gputests", "compile20", "compile-graph20", "compile-graph110", "compile56", "compile110", "fuse16"]),
+    ("compile", ["gputests-compile", "compile20", "compile-graph20", "compile-graph110", "compile56", "compile110", "fuse16"]),
 ])
 def test_each_device_plan_dry_runs_its_stages_in_order(tmp_path, plan, stages):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PY": sys.executable, "OUT": str(tmp_path / "out"),
-           "STUDY": str(tmp_path / "study"), "DATA_DIR": str(tmp_path / "data"), "STAGE": str(tmp_path / "stage"),
-           "SITE": str(tmp_path / "site"), "DEVICE_ROOT": str(tmp_path / "root")}
+    env = plan_env(tmp_path)
     if plan == "study":  # the sweep copy is validated against its data: the real archive, where run_study puts it
         if not CIFAR_JPEG.exists():
             pytest.skip(f"{CIFAR_JPEG} is absent (../shared beside the repo)")

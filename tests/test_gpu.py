@@ -1,6 +1,6 @@
 """The CUDA-only paths on a real GPU: the captured steps compute what eager steps compute, and graph trials
 (alone and fused) resume after a preemption in the same run. Skipped without CUDA (conftest.py); the device
-plans run this file first (scripts/device/run_study.sh, stage `gputests`).
+plans run it (scripts/device/run_study.sh: `gputests` first in bench, `gputests_compile` first in compile).
 """
 from __future__ import annotations
 
@@ -50,13 +50,19 @@ def batches(n: int, shape=(32,)):
 LR_SCALES = [1, 1, 1, 0.1, 0.1, 0.1]  # a milestone mid-way: the captured step must follow the lr tensor
 
 
+def assert_same_stats(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Step stats (loss * n, wrong predictions, n): the loss within 1e-3; one prediction may flip on a near-tie."""
+    torch.testing.assert_close(got[..., 0], want[..., 0], rtol=1e-3, atol=1e-3)
+    assert (got[..., 1] - want[..., 1]).abs().max() <= 1 and torch.equal(got[..., 2], want[..., 2])
+
+
 @pytest.mark.parametrize("step", ["graph", "compile_graph"])
 def test_a_captured_step_follows_the_eager_step(step, exact_fp32):
     captured = build_step(step_config(step), resnet8(0), DistEnv(), CUDA)
     eager = EagerStep(step_config("eager"), resnet8(0), DistEnv(), CUDA)
     for (images, labels), scale in zip(batches(len(LR_SCALES)), LR_SCALES):
         lr = 0.1 * scale
-        torch.testing.assert_close(captured(images, labels, lr), eager(images, labels, lr), rtol=1e-3, atol=1e-3)
+        assert_same_stats(captured(images, labels, lr), eager(images, labels, lr))
     for a, b in zip(captured.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
 
@@ -70,7 +76,7 @@ def test_fused_members_in_one_graph_follow_their_own_eager_steps(exact_fp32):
         lrs = tuple(cfg.optim.lr * scale for cfg in cfgs)
         got = fused(images, labels, lrs, shared=False)
         want = torch.stack([step(images[k], labels[k], lrs[k]) for k, step in enumerate(alone)])
-        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
+        assert_same_stats(got, want)
     for k, step in enumerate(alone):
         mine = fused.member_state(k)["model"]
         for name, value in step.model.state_dict().items():

@@ -63,14 +63,20 @@ def test_smoke_sweep_finishes_and_a_rerun_starts_nothing(tmp_path):
     assert len(trial_runs(tmp_path, "smoke")) == 4
 
 
-def test_killed_orchestrator_then_rerun_finishes_only_the_missing_trials(tmp_path):
+def sweep_until_a_trial_finishes(tmp_path: Path) -> tuple[Path, subprocess.Popen]:
+    """The smoke sweep at 60 iterations a trial, in a session of its own, once its first trial has finished."""
     spec = smoke_spec(tmp_path, base={**yaml.safe_load(smoke_spec(tmp_path).read_text())["base"],
                                       "schedule": {"total": 60, "milestones": [40]}})
     proc = sweep(tmp_path, spec, start_new_session=True)
     deadline = time.monotonic() + 300
     while not any(r.info.status == "FINISHED" for r in trial_runs(tmp_path, "smoke")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be killed"
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be stopped"
         time.sleep(1)
+    return spec, proc
+
+
+def test_killed_orchestrator_then_rerun_finishes_only_the_missing_trials(tmp_path):
+    spec, proc = sweep_until_a_trial_finishes(tmp_path)
     os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and everything it started, mid-sweep
     proc.wait()
     before = {r.data.tags["trial_key"]: r.info.status for r in trial_runs(tmp_path, "smoke")}
@@ -89,13 +95,7 @@ def test_killed_orchestrator_then_rerun_finishes_only_the_missing_trials(tmp_pat
 
 
 def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path):
-    spec = smoke_spec(tmp_path, base={**yaml.safe_load(smoke_spec(tmp_path).read_text())["base"],
-                                      "schedule": {"total": 60, "milestones": [40]}})
-    proc = sweep(tmp_path, spec, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while not any(r.info.status == "FINISHED" for r in trial_runs(tmp_path, "smoke")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before Ctrl-C"
-        time.sleep(1)
+    spec, proc = sweep_until_a_trial_finishes(tmp_path)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, output[-3000:]

@@ -151,7 +151,12 @@ def packed(args, model_name: str, step_kind: str) -> dict:
         Path(barrier, "go").touch()
         rows = []
         for c in children:
-            out, _ = c.communicate()
+            try:  # a child stuck in CUDA (say, a broken MPS server) must not hold the whole device call
+                out, _ = c.communicate(timeout=max(60.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                c.kill()
+                out, _ = c.communicate()
+                rows.append({"error": "a child still ran 900 s after the start: killed"})
             rows += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     ok = [r for r in rows if "images_per_s" in r]
     agg = {"bench": "train_step_packed", "model": model_name, "step": step_kind, "batch_size": args.batch_size,
