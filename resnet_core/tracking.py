@@ -121,6 +121,14 @@ class Tracker:
         self._last_flush = time.monotonic()
         self._last_step: dict[str, int] = {}
 
+    def holds_run(self, run_id: str) -> bool:
+        """Is this run in this store's experiment (a checkpoint may name a run of another store)?"""
+        from mlflow.exceptions import MlflowException
+        try:
+            return self.client.get_run(run_id).info.experiment_id == self.experiment_id
+        except MlflowException:
+            return False
+
     def find_run(self, trial_key: str) -> str | None:
         """An unfinished run of this trial (killed before its first checkpoint): reuse it, never a duplicate."""
         runs = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{trial_key}'",

@@ -330,9 +330,17 @@ def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
     """Start (or continue: the checkpoint's run id, else the run tagged with this trial key) the trial's MLflow run."""
     t = cfg.tracking
     tracker = Tracker(t.uri, t.experiment)
+    moved_from = None
+    if run_id and not tracker.holds_run(run_id):  # the checkpoint was written under another store or experiment
+        moved_from, run_id = run_id, None
+        print(f"tracking: the checkpoint's MLflow run {moved_from} is not in {tracker.client.tracking_uri} "
+              f"(experiment {t.experiment!r}); the trial goes on in a run there, its earlier points stay where they "
+              "were", file=sys.stderr)
     run_id = run_id or tracker.find_run(key)
     # kind=trial: a run of `orchestrate train` is a trial too, seen by status, report and ensemble
     tags = {**environment_tags(world_size), "trial_key": key, "kind": "trial", **t.tags}
+    if moved_from:
+        tags["resumed_from_run"] = moved_from
     params = flatten(cfg.model_dump(mode="json"))
     run_id = tracker.start(run_id, t.run_name or f"{cfg.model.name}-{key[:8]}", params, tags)
     if rejected_checkpoints:  # the event a user must see: a corrupt checkpoint was skipped

@@ -262,6 +262,14 @@ def test_a_slurm_sweep_without_a_reachable_slurm_is_one_line(tmp_path, conf, mes
     assert "Traceback" not in out.stderr and not list(tmp_path.glob("runs/**/slurm/*/*"))
 
 
+def test_a_ray_address_where_no_cluster_answers_is_one_line(tmp_path):
+    out = subprocess.run([BIN / "orchestrate", "sweep", smoke_spec(tmp_path), "--address", "auto",
+                          "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "ray address auto: no Ray cluster answers there" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+
+
 def test_a_trial_can_run_as_a_torchrun_child_inside_its_ray_actor(tmp_path):
     """The path of multi-GPU trials: torchrun in the Tune actor, its reports relayed to Tune (1 CPU process here)."""
     base = yaml.safe_load(smoke_spec(tmp_path).read_text())["base"]

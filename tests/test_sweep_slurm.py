@@ -257,7 +257,8 @@ def test_requeue_resumes_from_checkpoint_in_the_same_run(slurm_cluster, tmp_path
 
 def test_asha_stops_a_trial_and_cancels_its_job(slurm_cluster, tmp_path):
     spec = spec_file(tmp_path, name="smoke-asha", space={"optim.lr": [0.1, 0.02, 0.5, 0.004]},
-                     scheduler={"asha": {"metric": "val_error", "grace_period": 1, "reduction_factor": 2}},
+                     # val_loss, as sweeps/smoke_lr.yaml: a finished trial's final result must carry it too
+                     scheduler={"asha": {"metric": "val_loss", "grace_period": 1, "reduction_factor": 2}},
                      base={**yaml.safe_load(SMOKE.read_text())["base"], "schedule": {"total": 24, "milestones": [20]}})
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out", timeout=300)

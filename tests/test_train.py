@@ -153,6 +153,21 @@ def test_a_checkpoint_that_does_not_fit_the_model_fails_its_run_with_the_reason(
     assert run.info.status == "FAILED" and "fc.weight" in run.data.tags["status_reason"]
 
 
+def test_a_checkpoint_of_another_tracking_store_goes_on_in_a_new_run_there(tmp_path):
+    """Trial keys leave tracking out, so a checkpoint may name a run the new store does not hold (a deleted
+    mlruns.db, another --tracking-uri): that was 'Run with id=... not found' from deep inside MLflow."""
+    first = tiny_config(tmp_path)
+    with pytest.raises(Interrupted):
+        train(first, report=lambda metrics: os.kill(os.getpid(), signal.SIGUSR1))
+    (old_run,) = runs_of(first)
+    moved = tiny_config(tmp_path, tracking={"uri": f"sqlite:///{tmp_path}/elsewhere.db"})
+    result = train(moved)
+    (run,) = runs_of(moved)
+    assert result["status"] == "FINISHED" and result["iteration"] == 40 and run.info.run_id != old_run.info.run_id
+    assert run.data.tags["resumed_from_run"] == old_run.info.run_id
+    assert history(moved, run.info.run_id)[0][0] > 16  # it went on from the checkpoint, not from 0
+
+
 def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     cfg = tiny_config(tmp_path, optim={"lr": 1e30})
     result = train(cfg)

@@ -213,11 +213,20 @@ class RayTuneBackend:
         os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no banners; our view reports
-        if self.address:
+        if not self.address:
+            return start_local_ray()
+        try:
             ray.init(address=self.address, log_to_driver=False)  # auth: see sweep.use_ray_auth_token_if_any
-            return
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
+        except ConnectionError as err:
+            raise UserError(f"ray address {self.address}: no Ray cluster answers there ({err})") from None
+
+
+def start_local_ray() -> None:
+    """A Ray of this sweep's own on this machine: address="local" never joins whatever a stale
+    /tmp/ray/ray_current_cluster names (a crashed `ray start` leaves one, and ray.init would try it)."""
+    import ray
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+             object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
 
 
 def check_fits_this_machine(resources, available: dict[str, float]) -> None:

@@ -30,7 +30,7 @@ from typing import Any
 
 from ..ledger import Ledger
 from ..spec import SpecError
-from ..trials import FusedGroup, SweepContext, Trial, fuse
+from ..trials import REPORTED_METRICS, FusedGroup, SweepContext, Trial, fuse
 from .base import Events
 from .slurm_job import SlurmTrial
 
@@ -257,7 +257,7 @@ class SlurmBackend:
     def run_asha(self, trials: list[Trial], events: Events) -> None:
         import ray
         from ray import tune
-        from .ray_tune import asha_scheduler
+        from .ray_tune import asha_scheduler, start_local_ray
         os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         payloads = [{"key": t.key, "trial": self.payload(t), "folder": str(self.folder),
@@ -265,8 +265,7 @@ class SlurmBackend:
                      "max_num_timeout": int(self.profile.get("max_num_timeout", 3))} for t in trials]
         callback = events_callback_class()(events, self.ctx)
         # The relays only wait on files and sacct: a sliver of a CPU each, so max_concurrent of them fit.
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
+        start_local_ray()
         try:
             tuner = tune.Tuner(
                 tune.with_resources(relay_trial, {"cpu": 0.05}),
@@ -421,13 +420,13 @@ def relay_trial(config: dict[str, Any]) -> None:
         if final is None:
             time.sleep(0.5)
     tune.report({"trial_status": final["status"], "trial_key": p["key"], "run_id": final.get("run_id"),
-                 "slurm_job_id": job.job_id, **pick(final, RESULT_KEYS + ("test_loss",)),
+                 "slurm_job_id": job.job_id, **pick(final, RESULT_KEYS + ("val_loss", "test_loss")),
                  **_metric_placeholder(final)})
 
 
 def _metric_placeholder(final: dict[str, Any]) -> dict[str, float]:
     """Tune checks that every result carries the scheduler's metric; a failed trial's final result may not."""
-    return {k: math.nan for k in ("val_error", "test_error") if not isinstance(final.get(k), (int, float))}
+    return {k: math.nan for k in REPORTED_METRICS if not isinstance(final.get(k), (int, float))}
 
 
 def cancel_then_mark(job_id: str, run_id: str | None, reason: str, ctx: SweepContext) -> None:
