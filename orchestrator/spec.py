@@ -194,4 +194,12 @@ def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
     profile = read_yaml(found, SpecError) or {}
     if not isinstance(profile, dict):
         raise SpecError(f"{found}: a cluster profile must be a mapping")
+    # a typo here would be ignored: the sweep would quietly run on a local Ray, or without the partition
+    for key in sorted(set(profile) - PROFILE_SECTIONS):
+        raise SpecError(f"{found}: {key}: unknown key; valid: {', '.join(sorted(PROFILE_SECTIONS))}")
+    for key in sorted(set(profile.get("ray") or {}) - {"address"}):
+        raise SpecError(f"{found}: ray.{key}: unknown key; valid: address")
     return profile
+
+
+PROFILE_SECTIONS = {"slurm", "ray"}  # slurm's own keys are checked by the SLURM backend (PROFILE_KEYS there)

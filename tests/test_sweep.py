@@ -235,6 +235,15 @@ def test_spec_that_is_not_a_mapping_is_refused(tmp_path, capsys, text, message):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("profile, message", [("slurrm: {partition: debug}\n", "profile.yaml: slurrm: unknown key"),
+                                              ("ray: {adress: auto}\n", "profile.yaml: ray.adress: unknown key")])
+def test_a_typo_in_a_cluster_profile_is_named_not_ignored(tmp_path, capsys, profile, message):
+    (tmp_path / "profile.yaml").write_text(profile)
+    spec = smoke_spec(tmp_path, cluster="profile.yaml")
+    assert orchestrate(["sweep", str(spec), "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_missing_spec_file_is_named(tmp_path, capsys):
     assert orchestrate(["sweep", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
