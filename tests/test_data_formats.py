@@ -129,6 +129,14 @@ def test_missing_path_names_it_and_the_layouts(tmp_path):
     assert "nowhere" in str(err.value) and "ImageFolder" in str(err.value) and "\n" not in str(err.value)
 
 
+def test_a_download_that_fails_is_one_line_saying_where_the_files_go(tmp_path, monkeypatch):
+    from torchvision.datasets import CIFAR10
+    monkeypatch.setattr(CIFAR10, "url", "http://127.0.0.1:9/cifar-10-python.tar.gz")  # refused at once, offline too
+    with pytest.raises(FileNotFoundError, match="data.download: CIFAR-10 could not be fetched into") as err:
+        load_split(DataConfig(path=str(tmp_path / "dl"), download=True), "train")
+    assert "cifar-10-batches-py" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_unknown_layout_names_the_path(tmp_path):
     (tmp_path / "random" / "stuff").mkdir(parents=True)
     (tmp_path / "random" / "other").mkdir()

@@ -195,7 +195,11 @@ def _find_cifar_pickles(path: Path) -> Path | None:
 def _download_cifar(path: Path) -> None:
     from torchvision.datasets import CIFAR10  # only when the user asked for a download
     path.mkdir(parents=True, exist_ok=True)
-    CIFAR10(str(path), train=True, download=True)
+    try:
+        CIFAR10(str(path), train=True, download=True)
+    except OSError as err:  # no network (URLError), a proxy, a full disk: say where the files must go instead
+        raise FileNotFoundError(f"data.download: CIFAR-10 could not be fetched into {path} ({err}); fetch "
+                                "cifar-10-python.tar.gz elsewhere and unpack its cifar-10-batches-py there") from None
 
 
 def read_cifar_pickles(folder: Path) -> Dataset:
