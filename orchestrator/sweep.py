@@ -11,8 +11,8 @@ from .backends import get_backend
 from .estimate import gpu_hours
 from .ledger import DONE, RESUME, Ledger
 from .progress import SweepProgress
-from .spec import load_cluster_profile, load_spec
-from .trials import FusedGroup, SweepContext, Trial, check_gpu_memory, expand, fuse, gpu_memory_plan
+from .spec import SpecError, load_cluster_profile, load_spec
+from .trials import FusedGroup, SweepContext, Trial, check_data_exists, check_gpu_memory, expand, fuse, gpu_memory_plan
 
 
 def absolute_uri(uri: str) -> str:
@@ -23,7 +23,8 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def prepare(spec_path: str, address: str | None = None, **overrides) -> tuple[SweepContext, list[Trial]]:
+def prepare(spec_path: str, address: str | None = None, check_data: bool = True,
+            **overrides) -> tuple[SweepContext, list[Trial]]:
     """``address``: an existing Ray cluster (``ray start --head`` prints it; ``auto`` finds a local one)."""
     spec, path = load_spec(spec_path, overrides)
     ctx = SweepContext(spec=spec, spec_path=path,
@@ -34,7 +35,7 @@ def prepare(spec_path: str, address: str | None = None, **overrides) -> tuple[Sw
         ctx.cluster.setdefault("ray", {})["address"] = address
     if ctx.cluster.get("ray", {}).get("address") and spec.backend == "ray":
         use_ray_auth_token_if_any()
-    trials = expand(ctx)
+    trials = expand(ctx, check_data)
     # Before anything is submitted or logged: groups that cannot fuse, packings that cannot fit a GPU.
     check_gpu_memory(ctx, fuse(ctx, trials))
     return ctx, trials
@@ -66,6 +67,10 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
     lines = [f"sweep {ctx.spec.name!r}: {len(trials)} trials on backend {ctx.spec.backend} "
              f"(each: {r.nodes} node(s), {r.gpus} GPU(s)/node, {r.cpus} CPU(s), time limit {r.time_limit})",
              f"tracking: {ctx.tracking_uri} (experiment {ctx.spec.name!r}); output: {ctx.output}"]
+    try:
+        check_data_exists(ctx, trials)
+    except SpecError as err:  # shown, not fatal: the compute nodes may see what this machine does not
+        lines.append(f"warning: {err} (here; a real run stops on it)")
     units = fuse(ctx, trials)
     memory = gpu_memory_plan(ctx, units)
     if memory:

@@ -94,8 +94,9 @@ def resolve(ctx: SweepContext, overrides: dict[str, Any]) -> Trial:
     return Trial(key, overrides, build_config(tree))
 
 
-def expand(ctx: SweepContext) -> list[Trial]:
-    """Every trial of the sweep, validated, duplicates (same key) removed, longest first."""
+def expand(ctx: SweepContext, check_data: bool = True) -> list[Trial]:
+    """Every trial of the sweep, validated, duplicates (same key) removed, longest first. ``check_data=False``:
+    a dry run on a login node may not see the data the compute nodes will."""
     trials, seen = [], set()
     for overrides in assignments(ctx.spec):
         try:
@@ -106,7 +107,8 @@ def expand(ctx: SweepContext) -> list[Trial]:
         if trial.key not in seen:
             seen.add(trial.key)
             trials.append(trial)
-    check_data_exists(ctx, trials)
+    if check_data:
+        check_data_exists(ctx, trials)
     check_scheduler_metric(ctx, trials)
     return sorted(trials, key=lambda t: -estimated_work(t.config))
 

@@ -199,7 +199,7 @@ class SlurmBackend:
         if self._dry_plan is None:
             from ..sweep import store_exists
             from ..trials import expand
-            trials = expand(self.ctx)
+            trials = expand(self.ctx, check_data=False)  # dry runs only: dry_run() reports missing data
             if store_exists(self.ctx.tracking_uri):
                 trials = Ledger(self.ctx.tracking_uri, self.spec.name, create=False).plan(trials).to_run
             self._dry_plan = [u.key for u in fuse(self.ctx, trials)]

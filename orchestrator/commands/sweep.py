@@ -17,8 +17,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.sweep import dry_run, prepare, run_sweep
-    ctx, trials = prepare(args.spec, address=args.address, backend=args.backend, tracking_uri=args.tracking_uri, output=args.output,
-                          max_concurrent=args.max_concurrent)
+    ctx, trials = prepare(args.spec, address=args.address, check_data=not args.dry_run, backend=args.backend,
+                          tracking_uri=args.tracking_uri, output=args.output, max_concurrent=args.max_concurrent)
     if args.dry_run:
         print(dry_run(ctx, trials))
         return 0
