@@ -310,3 +310,26 @@ def lift_requeue_hold(cluster, job_id: str, timeout: float = 60) -> None:
             return
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} was not requeued by submitit within {timeout:.0f} s")
+
+
+def test_ray_on_slurm_forms_one_ray_cluster_over_the_allocation_and_sweeps_on_it(slurm_cluster, tmp_path):
+    """cluster/ray-on-slurm.sbatch on both nodes. With a Ray token at hand (any local ray.init leaves one), the
+    head used to start in token mode and the worker without, so it never joined and the sweep ran on the head
+    alone, exit 0."""
+    import socket
+    home = tmp_path / "home"
+    env = dict(slurm_cluster.env, HOME=str(home), PATH=f"{Path(sys.executable).parent}:{slurm_cluster.env['PATH']}")
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["RAY_PORT"] = str(s.getsockname()[1])
+    spec = spec_file(tmp_path, name="ray-on-slurm", cluster=str(REPO / "cluster" / "ray-on-slurm.yaml"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    job = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--export=ALL",
+                          str(REPO / "cluster" / "ray-on-slurm.sbatch"), str(spec), "--tracking-uri", uri],
+                         env=env, cwd=tmp_path, capture_output=True, text=True, check=True).stdout.strip()
+    state = slurm_cluster.wait(job, timeout=300)
+    log = (tmp_path / f"ray-on-slurm-{job}.out").read_text()
+    assert state == "COMPLETED" and "ray cluster: 2 nodes" in log, log[-3000:]
+    found = runs(uri, "ray-on-slurm")
+    assert len(found) == 4 and all(r.info.status == "FINISHED" for r in found), log[-3000:]
