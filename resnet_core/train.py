@@ -416,7 +416,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_core.train", description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR recipe)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override keys, e.g. optim.lr=0.05")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow store, as tracking.uri")
     args = parser.parse_args(argv)
+    if args.tracking_uri:
+        args.set = [*args.set, f"tracking.uri={args.tracking_uri}"]
     report = report_to(report_to_file(os.environ[REPORT_FILE_ENV]) if os.environ.get(REPORT_FILE_ENV) else None,
                        report_to_console())
     try:

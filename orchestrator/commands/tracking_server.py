@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt  # unwinds to the finally below, which stops the server and the database
 
     signal.signal(signal.SIGTERM, stop_on_signal)
+    signal.signal(signal.SIGINT, stop_on_signal)  # also when a script started us with & (SIGINT arrives ignored)
     try:
         try:
             server.start()
