@@ -278,9 +278,11 @@ def test_a_slurm_sweep_without_a_reachable_slurm_is_one_line(tmp_path, conf, mes
 
 
 def test_a_ray_address_where_no_cluster_answers_is_one_line(tmp_path):
+    # RAY_TMPDIR: `auto` reads <it>/ray/ray_current_cluster, which a `ray start` elsewhere may have left
+    env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}
     out = subprocess.run([BIN / "orchestrate", "sweep", smoke_spec(tmp_path), "--address", "auto",
                           "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "ray address auto: no Ray cluster answers there" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 

@@ -317,8 +317,11 @@ def test_ray_on_slurm_forms_one_ray_cluster_over_the_allocation_and_sweeps_on_it
     head used to start in token mode and the worker without, so it never joined and the sweep ran on the head
     alone, exit 0."""
     import socket
+    import tempfile
     home = tmp_path / "home"
-    env = dict(slurm_cluster.env, HOME=str(home), PATH=f"{Path(sys.executable).parent}:{slurm_cluster.env['PATH']}")
+    env = dict(slurm_cluster.env, HOME=str(home), PATH=f"{Path(sys.executable).parent}:{slurm_cluster.env['PATH']}",
+               # Ray's files (and its ray_current_cluster) off /tmp/ray; short: its socket paths must stay < 108 bytes
+               RAY_TMPDIR=tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, capture_output=True, check=True, timeout=60)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
