@@ -90,7 +90,8 @@ stage_mps() {  # CUDA MPS (../shared/docs/gpu.md): the daemon outlives the call;
   fi
   # Never tried on this machine's runtime: a daemon whose server cannot start stalls every CUDA client, so one
   # client must work through it within a minute, else MPS goes and the rest of the call runs without it.
-  if timeout -k 5 60 "$PY" -c "import torch; torch.ones(1, device='cuda').sum().item()" >> "$LOG" 2>&1; then
+  # orchestrator/mps.py's own probe (the one its MPS start uses): a fresh CUDA process, 60 s at most
+  if "$PY" -c 'import os, sys; from orchestrator.mps import cuda_client_fails as f; r = f(dict(os.environ)); print(r or "ok"); sys.exit(bool(r))' >> "$LOG" 2>&1; then
     say "mps: a CUDA client ran through it"
   else
     echo quit | nvidia-cuda-mps-control >/dev/null 2>&1
