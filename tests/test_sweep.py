@@ -277,13 +277,14 @@ def test_a_slurm_sweep_without_a_reachable_slurm_is_one_line(tmp_path, conf, mes
     assert "Traceback" not in out.stderr and not list(tmp_path.glob("runs/**/slurm/*/*"))
 
 
-def test_a_ray_address_where_no_cluster_answers_is_one_line(tmp_path):
+@pytest.mark.parametrize("address", ["auto", "127.0.0.1:1"])  # 127.0.0.1:1: Ray alone retries for 3 minutes
+def test_a_ray_address_where_no_cluster_answers_is_one_line(tmp_path, address):
     # RAY_TMPDIR: `auto` reads <it>/ray/ray_current_cluster, which a `ray start` elsewhere may have left
     env = {**os.environ, "RAY_TMPDIR": str(tmp_path)}
-    out = subprocess.run([BIN / "orchestrate", "sweep", smoke_spec(tmp_path), "--address", "auto",
+    out = subprocess.run([BIN / "orchestrate", "sweep", smoke_spec(tmp_path), "--address", address,
                           "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"],
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "ray address auto: no Ray cluster answers there" in out.stderr, out.stderr[-2000:]
+    assert out.returncode == 2 and f"ray address {address}: no Ray cluster answers there" in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr
 
 

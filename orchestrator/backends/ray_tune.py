@@ -12,6 +12,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -215,10 +216,22 @@ class RayTuneBackend:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no banners; our view reports
         if not self.address:
             return start_local_ray()
+        check_answers(self.address)
         try:
             ray.init(address=self.address, log_to_driver=False)  # auth: see sweep.use_ray_auth_token_if_any
         except ConnectionError as err:
             raise UserError(f"ray address {self.address}: no Ray cluster answers there ({err})") from None
+
+
+def check_answers(address: str) -> None:
+    """A host:port where nothing listens: one line now, not Ray's three minutes of GCS retries."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto" and friends: Ray resolves them, and fails fast when it cannot
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        raise UserError(f"ray address {address}: no Ray cluster answers there ({err.strerror or err})") from None
 
 
 def start_local_ray() -> None:
