@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from .trials import Trial
 
+PLANNED_KEY_LENGTH = 10
 DONE, RESUME, RETRY, NEW, SKIP_FAILED = "finished", "resume", "retry", "new", "failed (skipped)"
 
 
@@ -56,6 +57,16 @@ class Ledger:
             if reason in (NEW, RESUME, RETRY):
                 plan.to_run.append(trial)
         return plan
+
+    def record_plan(self, trials: list[Trial], spec_path) -> None:
+        """What this sweep call set out to run, for `orchestrate status`: a planned trial without a run is pending
+        (queued, or never started). Keys are shortened to fit MLflow's 5000-character tag values; a sweep too
+        large for that records its count only."""
+        keys = ",".join(t.key[:PLANNED_KEY_LENGTH] for t in trials)
+        tags = {"planned_trials": str(len(trials)), "planned_keys": keys if len(keys) <= 5000 else "",
+                "spec": str(spec_path)}
+        for key, value in tags.items():
+            self.client.set_experiment_tag(self.experiment_id, key, value)
 
     def mark_early_stopped(self, run_id: str, reason: str) -> None:
         """The scheduler stopped this trial: a final state with the reason, never resumed by a re-run."""

@@ -97,13 +97,19 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
     return "\n".join(lines)
 
 
+def plan_and_record(ctx: SweepContext, trials: list[Trial], retry_failed: bool):
+    ledger = Ledger(ctx.tracking_uri, ctx.spec.name)
+    ledger.record_plan(trials, ctx.spec_path)  # `orchestrate status` lists what has not started
+    return ledger.plan(trials, retry_failed)
+
+
 def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False, live: bool | None = None) -> dict:
     backend = get_backend(ctx.spec.backend)(ctx)  # refuses what it cannot run before anything is logged
     fresh_store = not store_exists(ctx.tracking_uri)
     with ThreadPoolExecutor(1) as pool:
         # Creating an sqlite store runs MLflow's migrations (~8 s); a new store means every trial will run, so
         # the engine starts meanwhile (Ray: ~9 s) instead of after.
-        planned = pool.submit(lambda: Ledger(ctx.tracking_uri, ctx.spec.name).plan(trials, retry_failed))
+        planned = pool.submit(plan_and_record, ctx, trials, retry_failed)
         if fresh_store and hasattr(backend, "start"):
             backend.start()
         plan = planned.result()

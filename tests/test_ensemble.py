@@ -177,11 +177,25 @@ def test_status_counts_the_trials_of_each_sweep_and_lists_one(smoke_sweep, capsy
     assert main(["status", "--tracking-uri", smoke_sweep.uri]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "smoke" in line and "│" in line]
     # 8 trial runs: 6 finished, 1 failed, 1 stopped early by ASHA (sweep_runs.py)
-    assert [c.strip() for c in row.split("│")[1:-1]] == ["smoke", "8", "6", "0", "1", "1"]
+    assert [c.strip() for c in row.split("│")[1:-1]] == ["smoke", "8", "6", "0", "1", "1", ""]
     assert main(["status", "smoke", "--tracking-uri", smoke_sweep.uri]) == 0
     out = capsys.readouterr().out
     assert "(8 trials)" in out and out.count("FINISHED") == 6 and "STOPPED (early)" in out
     assert all(run_id[:12] in out for run_id in smoke_sweep.finished)
+
+
+def test_status_counts_planned_trials_that_have_no_run_yet(tmp_path, capsys):
+    from orchestrator.ledger import Ledger
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    ledger = Ledger(uri, "queued")
+    ledger.record_plan([SimpleNamespace(key=k * 16) for k in "abc"], "sweeps/queued.yaml")
+    ledger.client.create_run(ledger.experiment_id, tags={"kind": "trial", "trial_key": "b" * 16})  # b started
+    assert main(["status", "--tracking-uri", uri]) == 0
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "queued" in line and "│" in line]
+    assert [c.strip() for c in row.split("│")[1:-1]] == ["queued", "1", "0", "1", "0", "0", "2"]
+    assert main(["status", "queued", "--tracking-uri", uri]) == 0
+    assert "2 of the 3 trials planned by the last `orchestrate sweep sweeps/queued.yaml` have no run yet" in \
+        " ".join(capsys.readouterr().out.split())
 
 
 def test_status_of_an_unknown_sweep_lists_the_sweeps(smoke_sweep, capsys):

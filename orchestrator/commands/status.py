@@ -29,15 +29,17 @@ def run(args: argparse.Namespace) -> int:
     client = MlflowClient(uri)
     if args.sweep is None:
         table = Table(title=f"sweeps in {uri}")
-        for column in ("sweep", "trials", "finished", "running/interrupted", "failed", "stopped early"):
+        for column in ("sweep", "trials", "finished", "running/interrupted", "failed", "stopped early",
+                       "not started"):
             table.add_column(column)
         for exp in client.search_experiments():
             runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=50000)
-            if runs:
+            if runs or exp.tags.get("planned_trials"):
                 states = [trial_state(r) for r in runs]
                 table.add_row(exp.name, str(len(runs)), str(states.count("FINISHED")),
                               str(sum(s in ("RUNNING", "KILLED", "SCHEDULED") for s in states)),
-                              str(states.count("FAILED")), str(states.count("STOPPED (early)")))
+                              str(states.count("FAILED")), str(states.count("STOPPED (early)")),
+                              not_started(exp, runs))
         console().print(table)
         return 0
     exp = client.get_experiment_by_name(args.sweep)
@@ -56,7 +58,22 @@ def run(args: argparse.Namespace) -> int:
                       _fmt(m.get("best_val_error")), r.info.run_id[:12],
                       tags.get("status_reason", "") if r.info.status != "FINISHED" else "")
     console().print(table)
+    pending = not_started(exp, runs)
+    if pending not in ("", "0"):
+        console().print(f"{pending} of the {exp.tags['planned_trials']} trials planned by the last "
+                        f"`orchestrate sweep {exp.tags.get('spec', '')}` have no run yet (queued, or not started: "
+                        "the same command starts them)")
     return 0
+
+
+def not_started(exp, runs) -> str:
+    """Trials the last sweep call planned that have no run: from the experiment's tags (ledger.record_plan)."""
+    from orchestrator.ledger import PLANNED_KEY_LENGTH
+    planned = exp.tags.get("planned_keys")
+    if not planned:
+        return ""  # not recorded (an older sweep, or too many trials to list)
+    started = {r.data.tags.get("trial_key", "")[:PLANNED_KEY_LENGTH] for r in runs}
+    return str(sum(key not in started for key in planned.split(",")))
 
 
 def _fmt(value) -> str:
