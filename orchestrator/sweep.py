@@ -92,7 +92,8 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
         lines += ["    " + line for line in backend.describe(unit).splitlines()]
     todo = sum(gpu_hours(t.config) * r.nodes for t in trials if done.get(t.key) != DONE)
     lines += ["", f"estimated GPU-hours: {total:.2f} in all, {todo:.2f} still to run "
-                  f"(H100, bf16, CUDA-graph step; eager PyTorch takes ~{63_800 / 11_000:.1f}x longer)",
+                  f"(H100, bf16, CUDA-graph step; eager PyTorch takes ~{63_800 / 11_000:.1f}x longer"
+                  f"{'; fused members counted as separate trials, an upper bound' if len(units) < len(trials) else ''})",
               "dry run: nothing submitted, nothing logged"]
     return "\n".join(lines)
 
