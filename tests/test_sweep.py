@@ -58,6 +58,7 @@ def test_smoke_sweep_finishes_and_a_rerun_starts_nothing(tmp_path):
     assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs), output[-2000:]
     assert all("test_error" in r.data.metrics and r.data.tags["sweep"] == "smoke" for r in runs)
     assert len({r.data.tags["trial_key"] for r in runs}) == 4
+    assert "Token authentication" not in output  # Ray's warning about the sweep's own local Ray: noise
     again = finish(sweep(tmp_path, spec))
     assert "4 skipped" in again and "running" not in again
     assert len(trial_runs(tmp_path, "smoke")) == 4

@@ -237,7 +237,12 @@ def check_answers(address: str) -> None:
 def start_local_ray() -> None:
     """A Ray of this sweep's own on this machine: address="local" never joins whatever a stale
     /tmp/ray/ray_current_cluster names (a crashed `ray start` leaves one, and ray.init would try it)."""
+    import logging
     import ray
+    # Ray 2.60 turns token authentication on for a new local cluster and warns about it: this Ray is the
+    # sweep's own and gone with it, so the warning is noise in every sweep's output.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
+        lambda record: "Token authentication is enabled" not in record.getMessage())
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
 
