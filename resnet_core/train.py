@@ -27,7 +27,7 @@ import yaml
 
 from . import checkpoint, distributed
 from .config import ConfigError, TrainConfig, build_config, load_config, trial_key
-from .data import build_loader
+from .data import DataError, build_loader
 from .distributed import DistEnv
 from .models import create_model
 from .schedule import LRSchedule
@@ -412,8 +412,9 @@ def warn_about_the_schedule(cfg: TrainConfig) -> None:
               "the lr never drops there (set schedule.milestones too)", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m resnet_core.train", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train") -> int:
+    """Errors are one line behind ``prog`` (``orchestrate train`` passes its own name), as every command's are."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR recipe)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override keys, e.g. optim.lr=0.05")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store, as tracking.uri")
@@ -426,17 +427,17 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.set)
         warn_about_the_schedule(cfg)
         result = train(cfg, report)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError) as err:  # the input's fault: one line, no traceback
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"interrupted: {err}; checkpoint written, run again to resume", file=sys.stderr)
+        print(f"{prog}: interrupted: {err}; checkpoint written, run again to resume", file=sys.stderr)
         return 3
     except checkpoint.Superseded as err:
-        print(f"superseded: {err}", file=sys.stderr)
+        print(f"{prog}: superseded: {err}", file=sys.stderr)
         return EXIT_SUPERSEDED
     except checkpoint.CheckpointError as err:  # a full disk, or only corrupt checkpoints to resume from
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     if distributed.read_env().is_main:
         print(json.dumps(result))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from test_data_helpers import jpeg_folder, known_image, png_folder, write_image_folder  # noqa: F401
 
-from resnet_core.data import DataConfig, SyntheticConfig, build_loader
+from resnet_core.data import DataConfig, DataError, SyntheticConfig, build_loader
 from resnet_core.data.sampling import CIFAR_MEAN, CIFAR_STD
 
 pytestmark = pytest.mark.timeout(180)
@@ -162,9 +162,9 @@ def test_corrupt_file_inside_dali_and_torch_loaders_is_named(jpeg_folder, tmp_pa
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
     for loader in ("dali", "torch"):
         cfg = DataConfig(path=str(jpeg_folder), loader=loader, cache_dir=str(tmp_path / "cache"), num_workers=1)
-        with pytest.raises(ValueError, match="corrupt or unreadable image") as err:
+        with pytest.raises(DataError, match="corrupt or unreadable image") as err:
             list(build_loader(cfg, "test", 4))
-        assert str(bad) in str(err.value) and "\n" not in str(err.value)
+        assert str(err.value).startswith(f"{bad}: ") and "\n" not in str(err.value)  # not the worker's type name
 
 
 def test_bad_batch_and_rank_arguments():

@@ -183,14 +183,26 @@ def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     ("model.shortcut=D", "model.shortcut:"),
     ("schedule.warmup.kind=slow", "schedule.warmup.kind:"),
     ("tracking.uri=mlruns.db", "tracking.uri: tracking URI 'mlruns.db' has no scheme: sqlite:///mlruns.db is"),
+    ("data.path=/nope", "data.path: /nope does not exist"),
+    ("data.val_split=100000", "data.val_split: 100000 leaves no train images"),
 ])
 def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, override, key):
     cfg_path = write_config(tmp_path, tiny_config(tmp_path))
     proc = subprocess.run([BIN / "orchestrate", "train", cfg_path, "--set", override], capture_output=True,
                           text=True, cwd=tmp_path)
     assert proc.returncode == 2
-    assert key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("orchestrate train: error: ") and key in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "mlruns.db").exists()
+
+
+@pytest.mark.parametrize("override", ["model.depth=21", "data.path=/nope"])
+def test_the_worker_entry_point_says_bad_input_in_one_line_too(tmp_path, override):
+    """`python -m resnet_core.train` is what torchrun and SLURM start; users run it too."""
+    proc = subprocess.run([BIN / "python", "-m", "resnet_core.train", write_config(tmp_path, tiny_config(tmp_path)),
+                           "--set", override], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("python -m resnet_core.train: error: "), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
 def test_a_sweep_spec_given_to_train_says_to_sweep_it(capsys):

@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 
-from .config import LOADER_NAMES, DataConfig, SyntheticConfig
+from .config import LOADER_NAMES, DataConfig, DataError, SyntheticConfig
 from .formats import Dataset, open_dataset, split_indices
 from .sampling import Loader
 
@@ -22,14 +22,14 @@ SPLITS = ("train", "val", "test")
 # loader key -> (module, class): the table the registry pattern asks for; nothing imported until chosen
 LOADERS = {"gpu": ("gpu", "GpuLoader"), "dali": ("dali", "DaliLoader"), "torch": ("torch_loader", "TorchLoader")}
 
-__all__ = ["DataConfig", "SyntheticConfig", "Loader", "build_loader", "load_split", "LOADER_NAMES", "SPLITS"]
+__all__ = ["DataConfig", "DataError", "SyntheticConfig", "Loader", "build_loader", "load_split", "LOADER_NAMES", "SPLITS"]
 
 
 def build_loader(cfg: DataConfig, split: Literal["train", "val", "test"], batch_size: int, device="cpu",
                  rank: int = 0, world_size: int = 1, seed: int = 0) -> Loader:
     """A loader over this rank's part of `split`; `batch_size` is per rank."""
     if cfg.loader not in LOADERS:  # reachable through model_construct / model_copy(update=...)
-        raise ValueError(f"data.loader: unknown loader {cfg.loader!r}; valid loaders: {', '.join(LOADERS)}")
+        raise DataError(f"data.loader: unknown loader {cfg.loader!r}; valid loaders: {', '.join(LOADERS)}")
     dataset, indices = _select(cfg, split)
     source = dataset.splits["test" if split == "test" else "train"]
     common = dict(split=split, batch_size=batch_size, train=split == "train", augment=cfg.augment,
@@ -54,7 +54,7 @@ def load_split(cfg: DataConfig, split: Literal["train", "val", "test"]) -> tuple
 
 def _select(cfg: DataConfig, split: str) -> tuple[Dataset, np.ndarray]:
     if split not in SPLITS:
-        raise ValueError(f"split: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+        raise DataError(f"split: unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     dataset = open_dataset(cfg)
     source = dataset.splits["test" if split == "test" else "train"]
     return dataset, split_indices(cfg, source.labels, split)

@@ -11,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 LOADER_NAMES = ("gpu", "dali", "torch")
 
 
+class DataError(ValueError):
+    """Data that cannot be read as asked (a bad layout, a corrupt file, a split too small): the user's to fix,
+    told in one line naming the file or key."""
+
+
 class SyntheticConfig(BaseModel):
     """Seeded random images for tests and dry benchmarks (path: "synthetic")."""
     model_config = ConfigDict(extra="forbid", frozen=True)

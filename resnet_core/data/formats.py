@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DataConfig, SyntheticConfig
+from .config import DataConfig, DataError, SyntheticConfig
 
 LAYOUTS = ("'synthetic'", "a torchvision 'cifar-10-batches-py' folder (or its parent)",
            "an ImageFolder tree 'train/<class>/*.jpg' + 'test/<class>/*.jpg'", "a .tar.gz of such a tree")
@@ -57,7 +57,7 @@ class Dataset:
         split = self.splits[source]
         if split.images is None:
             if not self.cifar_sized:
-                raise ValueError(f"{self.root}: images larger than {CIFAR_SIZED_MAX} px are not held as one array; "
+                raise DataError(f"{self.root}: images larger than {CIFAR_SIZED_MAX} px are not held as one array; "
                                  "use loader 'dali' or 'torch' for ImageNet-sized folders")
             split.images = _decoded_cache(split.files, self.cache_root, self.root, source)
         return split.images
@@ -84,7 +84,7 @@ def _open(cfg: DataConfig) -> Dataset:
     cache_root = choose_cache_root(cfg.cache_dir, path)
     if path.is_file():
         if not path.name.endswith((".tar.gz", ".tgz")):
-            raise ValueError(f"data.path: {path} is a file but not a .tar.gz; accepted: {'; '.join(LAYOUTS)}")
+            raise DataError(f"data.path: {path} is a file but not a .tar.gz; accepted: {'; '.join(LAYOUTS)}")
         path = unpack_archive(path, cache_root)
     if cfg.download and _find_cifar_pickles(path) is None:
         _download_cifar(path)
@@ -159,13 +159,13 @@ def _extract(archive: Path, into: Path) -> int:
                               capture_output=True, text=True)
         if done.returncode != 0:
             reason = " ".join(done.stderr.split())[:300]
-            raise ValueError(f"{archive}: truncated or corrupt .tar.gz archive (tar: {reason})")
+            raise DataError(f"{archive}: truncated or corrupt .tar.gz archive (tar: {reason})")
     else:
         try:
             with tarfile.open(archive, "r:gz") as handle:
                 handle.extractall(into, filter="data")
         except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-            raise ValueError(f"{archive}: truncated or corrupt .tar.gz archive ({type(err).__name__}: {err})") from None
+            raise DataError(f"{archive}: truncated or corrupt .tar.gz archive ({type(err).__name__}: {err})") from None
     return _count_files(into)
 
 
@@ -226,7 +226,7 @@ def _read_batches(folder: Path, names: list[str]) -> SourceSplit:
             images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(np.asarray(batch[b"labels"], np.int64))
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
-            raise ValueError(f"{file}: not a CIFAR-10 pickle batch ({type(err).__name__}: {err})") from None
+            raise DataError(f"{file}: not a CIFAR-10 pickle batch ({type(err).__name__}: {err})") from None
     return SourceSplit(labels=np.concatenate(labels), images=np.ascontiguousarray(np.concatenate(images)))
 
 
@@ -240,17 +240,17 @@ def _find_image_folder(path: Path) -> Path:
     subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
         return subdirs[0]
-    raise ValueError(f"data.path: {path} has no recognised layout; accepted: {'; '.join(LAYOUTS)}")
+    raise DataError(f"data.path: {path} has no recognised layout; accepted: {'; '.join(LAYOUTS)}")
 
 
 def read_image_folder(root: Path, cache_root: Path) -> Dataset:
     """train/<class>/* and test/<class>/* (or val/<class>/*, as ImageNet ships); labels = sorted class names."""
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"
     if not test_dir.is_dir():
-        raise ValueError(f"{root}: has train/ but neither test/ nor val/; accepted: {'; '.join(LAYOUTS)}")
+        raise DataError(f"{root}: has train/ but neither test/ nor val/; accepted: {'; '.join(LAYOUTS)}")
     class_names = _class_names(root / "train")
     if _class_names(test_dir) != class_names:
-        raise ValueError(f"{test_dir}: its class folders differ from {root / 'train'}'s")
+        raise DataError(f"{test_dir}: its class folders differ from {root / 'train'}'s")
     splits = {"train": _list_files(root / "train", class_names), "test": _list_files(test_dir, class_names)}
     return Dataset(root=str(root), kind="imagefolder", class_names=class_names,
                    cifar_sized=_is_cifar_sized(splits["train"].files[0]), splits=splits, cache_root=cache_root)
@@ -259,7 +259,7 @@ def read_image_folder(root: Path, cache_root: Path) -> Dataset:
 def _class_names(split_dir: Path) -> list[str]:
     names = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not names:
-        raise ValueError(f"{split_dir}: no class folders (expected {split_dir}/<class>/*.jpg)")
+        raise DataError(f"{split_dir}: no class folders (expected {split_dir}/<class>/*.jpg)")
     return names
 
 
@@ -268,7 +268,7 @@ def _list_files(split_dir: Path, class_names: list[str]) -> SourceSplit:
     for label, name in enumerate(class_names):
         found = sorted(e.path for e in os.scandir(split_dir / name) if e.name.lower().endswith(IMAGE_SUFFIXES))
         if not found:
-            raise ValueError(f"{split_dir / name}: empty class folder (no {'/'.join(IMAGE_SUFFIXES)} files)")
+            raise DataError(f"{split_dir / name}: empty class folder (no {'/'.join(IMAGE_SUFFIXES)} files)")
         files += found
         labels += [label] * len(found)
     return SourceSplit(labels=np.asarray(labels, np.int64), files=files)
@@ -280,7 +280,7 @@ def _is_cifar_sized(first_file: str) -> bool:
         with Image.open(first_file) as img:  # reads the header only
             return max(img.size) <= CIFAR_SIZED_MAX
     except OSError as err:
-        raise ValueError(f"{first_file}: corrupt or unreadable image ({err})") from None
+        raise DataError(f"{first_file}: corrupt or unreadable image ({err})") from None
 
 
 def decode_image(file: str) -> np.ndarray:
@@ -290,7 +290,7 @@ def decode_image(file: str) -> np.ndarray:
         with Image.open(file) as img:
             return np.asarray(img.convert("RGB"))
     except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for broken files
-        raise ValueError(f"{file}: corrupt or unreadable image ({err})") from None
+        raise DataError(f"{file}: corrupt or unreadable image ({err})") from None
 
 
 def _decoded_cache(files: list[str], cache_root: Path, root: str, source: str) -> np.ndarray:
@@ -328,7 +328,7 @@ def decode_many(files: list[str]) -> np.ndarray:
             parts = list(pool.map(_decode_chunk, chunks))
     shapes = {part.shape[1:] for part in parts}
     if len(shapes) > 1:
-        raise ValueError(f"{Path(files[0]).parent.parent}: images of several sizes {sorted(shapes)}; "
+        raise DataError(f"{Path(files[0]).parent.parent}: images of several sizes {sorted(shapes)}; "
                          "CIFAR-sized folders need one image size")
     return np.concatenate(parts)
 
@@ -340,7 +340,7 @@ def _decode_chunk(files: list[str]) -> np.ndarray:
     for i, file in enumerate(files[1:], 1):
         image = decode_image(file)
         if image.shape != first.shape:
-            raise ValueError(f"{file}: {image.shape[1]}x{image.shape[0]} px, but {files[0]} is "
+            raise DataError(f"{file}: {image.shape[1]}x{image.shape[0]} px, but {files[0]} is "
                              f"{first.shape[1]}x{first.shape[0]}; CIFAR-sized folders need one image size")
         out[i] = image
     return out
@@ -373,10 +373,10 @@ def split_indices(cfg: DataConfig, labels: np.ndarray, split: str) -> np.ndarray
     if split == "test":
         return _take(labels, cfg.test_subset, "data.test_subset", skip=0)
     if cfg.val_split >= len(labels):
-        raise ValueError(f"data.val_split: {cfg.val_split} leaves no train images (the train split has {len(labels)})")
+        raise DataError(f"data.val_split: {cfg.val_split} leaves no train images (the train split has {len(labels)})")
     if split == "val":
         if cfg.val_split == 0:
-            raise ValueError("split 'val' is empty: set data.val_split (the paper holds out 5000)")
+            raise DataError("split 'val' is empty: set data.val_split (the paper holds out 5000)")
         return np.sort(stratified_order(labels)[: cfg.val_split])
     return _take(labels, cfg.subset, "data.subset", skip=cfg.val_split)
 
@@ -385,7 +385,7 @@ def _take(labels: np.ndarray, count: int | None, key: str, skip: int) -> np.ndar
     order = stratified_order(labels)[skip:]
     if count is not None:
         if count > len(order):
-            raise ValueError(f"{key}: {count} is more than the {len(order)} images available")
+            raise DataError(f"{key}: {count} is more than the {len(order)} images available")
         order = order[:count]
     return np.sort(order)
 

@@ -9,10 +9,11 @@ random-resized crop 224 + flip).
 from __future__ import annotations
 
 import copy
-
 from dataclasses import dataclass
 
 import numpy as np
+
+from .config import DataError
 
 CIFAR_PAD = 4  # paper Sec. 4.2: "4 pixels are padded on each side"
 RRC_AREA = (0.08, 1.0)  # Inception-style scale augmentation, as torchvision's RandomResizedCrop
@@ -119,16 +120,16 @@ class Loader:
     def __init__(self, *, split: str, batch_size: int, train: bool, augment: bool, cifar_sized: bool,
                  split_size: int, seed: int, rank: int, world_size: int):
         if batch_size < 1:
-            raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+            raise DataError(f"batch_size: must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank: must be in [0, {world_size}), got {rank}")
+            raise DataError(f"rank: must be in [0, {world_size}), got {rank}")
         self.split, self.batch_size, self.train = split, batch_size, train
         self.augment, self.cifar_sized, self.split_size = augment and train, cifar_sized, split_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_samples = rank_share(split_size, rank, world_size, train)
         self.epoch = 0
         if train and self.num_samples < batch_size:
-            raise ValueError(f"split {split!r}: {self.num_samples} images per rank is less than one batch "
+            raise DataError(f"split {split!r}: {self.num_samples} images per rank is less than one batch "
                              f"of {batch_size} (train batches are full: drop_last)")
 
     def __len__(self) -> int:
@@ -157,7 +158,7 @@ class Loader:
     def iterate(self, epoch: int, start_batch: int = 0):
         """Batches of `epoch` from `start_batch` on: (images float32 NCHW on device, labels int64 on device)."""
         if not 0 <= start_batch <= len(self):
-            raise ValueError(f"start_batch: must be in [0, {len(self)}], got {start_batch}")
+            raise DataError(f"start_batch: must be in [0, {len(self)}], got {start_batch}")
         plan = self.plan(epoch, start_batch)
         if len(plan.indices):
             yield from self._run(plan)

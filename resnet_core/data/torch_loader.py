@@ -7,9 +7,12 @@ images, resize 256 + centre 224 at eval.
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 
+from .config import DataError
 from .sampling import CIFAR_PAD, EpochPlan, Loader, normalisation, rrc_box
 
 IMAGENET_CROP, IMAGENET_RESIZE = 224, 256
@@ -65,7 +68,7 @@ class TorchLoader(Loader):
                 yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         except ValueError as err:
             # A worker's error arrives wrapped in its traceback; keep the line that names the file.
-            raise ValueError(str(err).strip().splitlines()[-1].removeprefix("ValueError: ")) from None
+            raise DataError(re.sub(r"^[\w.]*Error: ", "", str(err).strip().splitlines()[-1])) from None
 
 
 def _planned_batches(plan: EpochPlan):

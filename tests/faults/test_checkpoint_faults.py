@@ -97,7 +97,7 @@ def test_full_disk_fails_the_trial_naming_the_path_and_keeps_the_previous_checkp
 
     assert worker.returncode == 1
     last_line = worker.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: cannot write checkpoint") and "Traceback" not in worker.stderr
+    assert last_line.startswith("orchestrate train: error: cannot write checkpoint") and "Traceback" not in worker.stderr
     assert f"cannot write checkpoint {folder}/ckpt-000000020-" in last_line, worker.stderr[-2000:]
     assert "No space left on device" in last_line
     files = checkpoint.checkpoint_files(folder)
