@@ -67,6 +67,13 @@ def test_tar_gz_unpacked_once_verified_and_reused(png_folder, tmp_path):
     open_dataset.__globals__["_OPENED"].clear()  # a new process would not have it opened
     assert np.array_equal(load_split(cfg, "train")[0], images)
     assert (unpacked[0] / ".unpacked.json").stat().st_mtime_ns == marker_time  # reused, not re-extracted
+    copy = tmp_path / "elsewhere" / "pngs.tar.gz"  # a copy (new path, new mtime) is the same data
+    copy.parent.mkdir()
+    copy.write_bytes(archive.read_bytes())
+    open_dataset.__globals__["_OPENED"].clear()
+    assert np.array_equal(load_split(cfg_for(copy, tmp_path), "train")[0], images)
+    assert [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("pngs-")] == unpacked
+    assert (unpacked[0] / ".unpacked.json").stat().st_mtime_ns == marker_time
     # a damaged unpack (a file deleted) fails verification and is unpacked again
     os.remove(next((unpacked[0] / "pngs" / "train" / "cat").iterdir()))
     open_dataset.__globals__["_OPENED"].clear()
@@ -183,3 +190,36 @@ def test_cache_goes_next_to_the_data_unless_its_folder_is_read_only(tmp_path):
     finally:
         data.parent.chmod(0o755)
     assert choose_cache_root(str(tmp_path / "mine"), data) == tmp_path / "mine"
+
+
+def _unpack_and_count(archive: str, cache: str, start) -> int:
+    """The fewest files seen in the unpacked tree while "training" on it for 2 s (as a trial reads its data)."""
+    import time
+    from resnet_core.data.formats import unpack_archive
+    start.wait()
+    target = unpack_archive(Path(archive), Path(cache))
+    fewest, until = 10**9, time.monotonic() + 2
+    while time.monotonic() < until:
+        fewest = min(fewest, sum(len(names) for _, _, names in os.walk(target)))
+        time.sleep(0.01)
+    return fewest
+
+
+def test_trials_that_unpack_one_archive_together_all_get_the_whole_tree(tmp_path):
+    """Trials of a sweep start together on the same .tar.gz: a slower one must not replace (delete) the tree a
+    faster one is already reading."""
+    import multiprocessing
+    import tarfile
+    tree = tmp_path / "many" / "train" / "cat"
+    tree.mkdir(parents=True)
+    for i in range(3000):  # enough files that extraction takes a while, so the processes overlap
+        (tree / f"{i:04d}.txt").write_text(str(i))
+    with tarfile.open(tmp_path / "many.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "many", arcname="many")
+    (tmp_path / "cache").mkdir()
+    ctx = multiprocessing.get_context("fork")
+    start = ctx.Manager().Barrier(4)
+    with ctx.Pool(4) as pool:
+        counts = pool.starmap(_unpack_and_count, [(str(tmp_path / "many.tar.gz"), str(tmp_path / "cache"), start)] * 4)
+    assert counts == [3001] * 4  # the files and the completion marker, in every process
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("many-")]) == 1

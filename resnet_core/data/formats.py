@@ -7,6 +7,7 @@ Paper Sec. 4.2: the 45k/5k train/val split is `val_split: 5000` (seeded, class-s
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -128,25 +129,40 @@ def _writable(folder: Path) -> bool:
 
 
 def unpack_archive(archive: Path, cache_root: Path) -> Path:
-    """Unpacks once into cache_root; a folder with a matching completion marker is reused as it is."""
+    """Unpacks once into cache_root; a folder with a matching completion marker is reused as it is. Trials and
+    ranks that start together take turns (a lock file): the first unpacks, the others find its tree."""
     stat = archive.stat()
-    key = hashlib.sha1(f"{archive.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_root / f"{archive.name.split('.')[0]}-{key}"
+    target = cache_root / f"{archive.name.split('.')[0]}-{archive_identity(archive)}"
     if _unpacked_ok(target, stat.st_size):
         return target
-    scratch = cache_root / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    try:
-        count = _extract(archive, scratch)
-        (scratch / ".unpacked.json").write_text(json.dumps({"archive_bytes": stat.st_size, "files": count}))
-        shutil.rmtree(target, ignore_errors=True)  # a stale, unverified unpack
-        os.replace(scratch, target)  # atomic: a concurrent rank sees either nothing or a complete tree
-    except OSError:
-        if not _unpacked_ok(target, stat.st_size):  # not another rank winning the race: a real error
-            raise
-    finally:
+    with open(cache_root / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if _unpacked_ok(target, stat.st_size):  # another process unpacked it while we waited
+            return target
+        scratch = cache_root / f".{target.name}.partial-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            count = _extract(archive, scratch)
+            (scratch / ".unpacked.json").write_text(json.dumps({"archive_bytes": stat.st_size, "files": count}))
+            shutil.rmtree(target, ignore_errors=True)  # a stale, unverified unpack
+            os.replace(scratch, target)  # atomic: a reader that skipped the lock sees nothing or a whole tree
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+def archive_identity(archive: Path, edge: int = 2**20) -> str:
+    """Its size and the hash of its first and last MiB, not its path or mtime: copies of one archive (a
+    checkout's copy, a node's local copy) share one unpacked tree; reading 2 MiB costs milliseconds even for
+    ImageNet. A changed archive changes its size or its compressed bytes at both ends (gzip's trailer holds the
+    CRC of the whole content)."""
+    size = archive.stat().st_size
+    digest = hashlib.sha1(str(size).encode())
+    with open(archive, "rb") as handle:
+        digest.update(handle.read(edge))
+        handle.seek(max(0, size - edge))
+        digest.update(handle.read(edge))
+    return digest.hexdigest()[:12]
 
 
 def _extract(archive: Path, into: Path) -> int:
