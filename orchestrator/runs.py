@@ -144,7 +144,7 @@ def model_info(run) -> ModelInfo:
     plain = all(b.shortcut is None for b in blocks)
     return ModelInfo(name=params["model.name"], depth=model.depth, plain=plain,
                      shortcut="-" if plain else str(overrides.get("shortcut") or _shortcut_option(blocks)),
-                     unit=str(overrides.get("unit", "original")), bottleneck=bool(overrides.get("bottleneck", False)),
+                     unit=model.unit, bottleneck=model.bottleneck,  # the model's: a name may imply them
                      overrides=overrides)
 
 

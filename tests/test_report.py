@@ -131,3 +131,19 @@ def test_trials_that_differ_in_more_than_model_and_seed_are_separate_cells(tmp_p
     runs = [trial(0, 0.1, 8), trial(1, 0.1, 8), trial(0, 0.05, 14)]
     assert list(variants(runs).values()) == ["optim.lr=0.1", "optim.lr=0.1", "optim.lr=0.05"]
     assert list(variants(runs[:2]).values()) == ["", ""]  # seeds only: one cell
+
+
+@pytest.mark.parametrize("params, family, depth", [
+    ({"model.name": "resnet_cifar", "model.depth": "8"}, "ResNet", 8),
+    ({"model.name": "plain_cifar", "model.depth": "8"}, "plain", 8),
+    ({"model.name": "resnet_cifar", "model.depth": "8", "model.shortcut": "B"}, "ResNet (option B)", 8),
+    # the name implies the unit, the bottleneck and the shortcut: a table must not pool them with ResNet-110
+    ({"model.name": "preact_resnet110", "model.depth": "None"}, "ResNet (full_preact)", 110),
+    ({"model.name": "preact_resnet164"}, "ResNet (option B, full_preact, bottleneck)", 164),
+    ({"model.name": "resnet50"}, "ResNet (option B, bottleneck)", 50),
+])
+def test_a_runs_family_comes_from_the_model_it_names_not_only_from_its_overrides(params, family, depth):
+    from types import SimpleNamespace
+    from orchestrator.runs import family_of, model_info
+    info = model_info(SimpleNamespace(data=SimpleNamespace(params=params)))
+    assert (family_of(info), info.depth) == (family, depth)

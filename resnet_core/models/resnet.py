@@ -62,6 +62,7 @@ class ResNet(nn.Module):
         check_options(shortcut, plain, unit, stem)
         expansion = 4 if bottleneck else 1
         self.depth = depth
+        self.unit, self.bottleneck = unit, bottleneck  # what tables name a net by (orchestrator.runs)
         self.input_size = 32 if stem == "cifar" else 224
         self.num_classes = num_classes
         stem_width = widths[0] if stem == "cifar" else 64
