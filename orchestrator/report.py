@@ -55,7 +55,15 @@ def variants(runs) -> dict[str, str]:
     keys = set().union(*(r.data.params for r in runs))
     varying = sorted(k for k in keys if not k.startswith(NOT_A_VARIANT)
                      and len({r.data.params.get(k) for r in runs}) > 1)
-    return {r.info.run_id: ", ".join(f"{k}={r.data.params.get(k, '-')}" for k in varying) for r in runs}
+    return {r.info.run_id: ", ".join(f"{k}={short(r.data.params.get(k, '-'))}" for k in varying) for r in runs}
+
+
+def short(value: str) -> str:
+    """A sampled float as 4 significant digits ("0.02754", not "0.027535425526875226"); anything else as it is."""
+    try:
+        return f"{float(value):.4g}" if any(c in value for c in ".e") else value
+    except ValueError:
+        return value
 
 
 @dataclass
@@ -138,14 +146,25 @@ def cell_columns(cell: Cell | None) -> list[str]:
     return [cell.model, params_text(cell.params), percent(cell.best), spread, str(len(cell.errors))]
 
 
-def table6_markdown(cells: list[Cell], sweep: str) -> str:
+def not_counted(client, experiment) -> str:
+    """The sweep's trial runs the table leaves out, by state: a reader must know the table is not all of it."""
+    from orchestrator.runs import is_finished, trial_runs
+    states = [("stopped early" if r.data.tags.get("early_stopped") == "true" else
+               "failed" if r.info.status == "FAILED" else "running or interrupted")
+              for r in trial_runs(client, experiment.experiment_id) if not is_finished(r)]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in ("stopped early", "failed", "running or interrupted")
+                       if states.count(s))
+    return f"Not counted (only finished trials are): {counts}." if counts else ""
+
+
+def table6_markdown(cells: list[Cell], sweep: str, note: str = "") -> str:
     names = families(cells)
     by_key = {(c.family, c.depth): c for c in cells}
     header = ["layers"] + [col for name in names
                            for col in (name, "# params", "error (%) best", "error (%) mean ± std", "seeds")]
     lines = [f"# Sweep `{sweep}`: classification error on the test set (Table 6 form)", "",
              "Test error of the final models. Per family: the best of the seeds and the mean ± sample std over "
-             "them (He et al. 2016, Table 6: ResNet-110 \"6.43 (6.61±0.16)\" over 5 runs).", "",
+             "them (He et al. 2016, Table 6: ResNet-110 \"6.43 (6.61±0.16)\" over 5 runs)." + (f" {note}" if note else ""), "",
              "| " + " | ".join(header) + " |",
              "|" + "|".join(["---:"] + ["---", "---:", "---:", "---:", "---:"] * len(names)) + "|"]
     for depth in sorted({c.depth for c in cells}):
@@ -173,9 +192,10 @@ def mean_curve(client, run_ids: list[str], key: str) -> tuple[list[int], list[fl
 def plot_curves(client, cells: list[Cell], path: Path, sweep: str) -> None:
     """Fig. 6: dashed training error, solid test error; plain nets left, ResNets right; one colour per depth."""
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    sides = [residual for residual in (False, True) if any((not is_plain(c.family)) == residual for c in cells)]
+    fig, axes = plt.subplots(1, len(sides), figsize=(6 * len(sides), 4.5), sharey=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for ax, residual in zip(axes, (False, True)):
+    for ax, residual in zip(axes[0], sides):  # a sweep of ResNets only gets no empty "plain" panel
         side = [c for c in cells if (not is_plain(c.family)) == residual]
         for i, cell in enumerate(side):
             colour = colours[i % len(colours)]
@@ -184,12 +204,9 @@ def plot_curves(client, cells: list[Cell], path: Path, sweep: str) -> None:
         ax.set_title("ResNets" if residual else "plain networks")
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
-        if side:
-            ax.legend()
-        else:
-            ax.text(0.5, 0.5, "no finished runs", transform=ax.transAxes, ha="center")
-    axes[0].set_ylabel("error (%)")
-    fig.suptitle(f"Sweep {sweep}: training error (dashed) and test error (solid), as He et al. 2016 Fig. 6")
+        ax.legend()
+    axes[0][0].set_ylabel("error (%)")
+    fig.suptitle(f"Sweep {sweep}: training error (dashed) and test error (solid)\nas He et al. 2016 Fig. 6")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -222,7 +239,7 @@ def write_report(client, experiment, out: Path, say=print) -> tuple[list[Cell], 
     out.mkdir(parents=True, exist_ok=True)
     cells = build_cells(client, collect_trials(client, experiment), say)
     paths = {name: out / name for name in FILES}
-    paths["table6.md"].write_text(table6_markdown(cells, experiment.name))
+    paths["table6.md"].write_text(table6_markdown(cells, experiment.name, not_counted(client, experiment)))
     paths["table6.json"].write_text(table6_json(cells, experiment.name))
     plot_curves(client, cells, paths["fig6_curves.png"], experiment.name)
     plot_error_vs_depth(cells, paths["error_vs_depth.png"], experiment.name)

@@ -58,6 +58,7 @@ def test_writes_the_files_and_logs_them(report, smoke_sweep):
 
 def test_table6_numbers_equal_the_mlflow_metrics(report, smoke_sweep):
     markdown = (report / "table6.md").read_text()
+    assert "Not counted (only finished trials are): 1 stopped early, 1 failed." in markdown  # sweep_runs.py
     header = [line for line in markdown.splitlines() if line.startswith("| layers")][0]
     assert [c.strip() for c in header.strip("|").split("|")][:7] == \
         ["layers", "plain", "# params", "error (%) best", "error (%) mean ± std", "seeds", "ResNet"]
@@ -128,8 +129,8 @@ def test_trials_that_differ_in_more_than_model_and_seed_are_separate_cells(tmp_p
             client.log_param(run.info.run_id, key, value)
         return client.get_run(run.info.run_id)
 
-    runs = [trial(0, 0.1, 8), trial(1, 0.1, 8), trial(0, 0.05, 14)]
-    assert list(variants(runs).values()) == ["optim.lr=0.1", "optim.lr=0.1", "optim.lr=0.05"]
+    runs = [trial(0, 0.1, 8), trial(1, 0.1, 8), trial(0, 0.027535425526875226, 14)]
+    assert list(variants(runs).values()) == ["optim.lr=0.1", "optim.lr=0.1", "optim.lr=0.02754"]  # as labels
     assert list(variants(runs[:2]).values()) == ["", ""]  # seeds only: one cell
 
 
@@ -147,3 +148,14 @@ def test_a_runs_family_comes_from_the_model_it_names_not_only_from_its_overrides
     from orchestrator.runs import family_of, model_info
     info = model_info(SimpleNamespace(data=SimpleNamespace(params=params)))
     assert (family_of(info), info.depth) == (family, depth)
+
+
+def test_fig6_of_a_sweep_without_plain_nets_has_no_empty_plain_panel(smoke_sweep, tmp_path):
+    from orchestrator.report import build_cells, collect_trials, plot_curves
+    client = MlflowClient(smoke_sweep.uri)
+    cells = build_cells(client, collect_trials(client, client.get_experiment(smoke_sweep.experiment_id)))
+    widths = {}
+    for name, chosen in {"both": cells, "resnets": [c for c in cells if c.family == "ResNet"]}.items():
+        plot_curves(client, chosen, tmp_path / f"{name}.png", "smoke")
+        widths[name] = matplotlib.image.imread(tmp_path / f"{name}.png").shape[1]
+    assert widths["resnets"] == widths["both"] // 2  # one panel of the two
