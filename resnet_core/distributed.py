@@ -44,6 +44,18 @@ def init(env: DistEnv, device: torch.device) -> None:
     dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
 
 
+def set_world_of_one() -> None:
+    """The launcher variables for one process on its own: DeepSpeed needs a process group even then, and
+    without them it looks for MPI (mpi4py) and fails."""
+    import socket
+    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as probe:  # a free port, as torchrun's --standalone picks one
+            probe.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(probe.getsockname()[1])
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GRAPH_STEPS, ConfigError, TrainConfig
+from . import distributed
 from .distributed import DistEnv
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -176,6 +177,8 @@ class DeepSpeedStep(EagerStep):
         self.cfg, self.model, self.device = cfg, model, device
         self.precision = resolve_precision(cfg, device)
         optimizer = sgd(cfg, model.parameters(), cfg.optim.lr)
+        if not env.enabled:
+            distributed.set_world_of_one()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size, self.precision))
         unlink_shm_allreduce_buffer(env)
@@ -214,7 +217,7 @@ def unlink_shm_allreduce_buffer(env: DistEnv) -> None:
     memory when the ranks exit, crashed or not. DeepSpeed's initialize returns only after a rank has opened all its
     peers' segments, hence the barrier before the unlink.
     """
-    if not env.enabled or not torch.distributed.is_initialized():
+    if not torch.distributed.is_initialized():
         return
     torch.distributed.barrier()
     address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")

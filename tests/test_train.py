@@ -377,6 +377,21 @@ def test_deepspeed_engine_trains_the_same_run(tmp_path, reference_curve):
     assert_same_curve(got, want, **DDP_TOLERANCE)
 
 
+def test_deepspeed_engine_in_one_process_without_a_launcher_follows_the_plain_curve(tmp_path, reference_curve):
+    """`orchestrate train --set dist.engine=deepspeed` on its own: no launcher variables, so without a world of
+    one DeepSpeed looked for MPI (ModuleNotFoundError: mpi4py)."""
+    cfg, want = reference_curve
+    ds_cfg = {**cfg, "dist": {"engine": "deepspeed", "zero_stage": 0},
+              "tracking": {**cfg["tracking"], "experiment": "deepspeed-alone"},
+              "checkpoint": {**cfg["checkpoint"], "root": str(tmp_path / "ckpt")}}
+    env = {k: v for k, v in worker_env(tmp_path).items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([BIN / "orchestrate", "train", write_config(tmp_path, ds_cfg)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs_of(ds_cfg)
+    assert_same_curve(history(ds_cfg, run.info.run_id), want, rel=1e-2)  # same SGD, same batches (measured: 1e-3 apart by step 16)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f"{CIFAR_JPEG} is absent (../shared beside the repo)")
 def test_learns_real_cifar_well_below_chance(tmp_path):
@@ -398,6 +413,17 @@ def test_deepspeed_launcher_runs_the_worker_built_by_the_launch_module(tmp_path,
     assert_same_curve(got, want, **DDP_TOLERANCE)
     # the launcher sets LOCAL_SIZE, so DeepSpeed's shared-memory all-reduce ran: its segments must not outlive it
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29562_*"))
+
+
+def test_a_one_process_deepspeed_launch_leaves_nothing_in_dev_shm(tmp_path):
+    """World size 1 under the launcher also creates the 69 MB segment (the unlink skipped it: 0.19's leak)."""
+    from orchestrator.launch import Rendezvous, deepspeed_command
+    cfg = tiny_config(tmp_path, dist={"engine": "deepspeed", "zero_stage": 0}, schedule={"total": 4, "milestones": [3]})
+    launcher = deepspeed_command(str(write_config(tmp_path, cfg)), gpus_per_node=1, deepspeed=str(BIN / "deepspeed"),
+                                 rendezvous=Rendezvous("127.0.0.1", 29563, "t"))
+    proc = subprocess.run(launcher, cwd=tmp_path, env=worker_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and runs_of(cfg)[0].info.status == "FINISHED", proc.stderr[-3000:]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29563_*"))
 
 
 def test_train_keys_lists_every_config_key_with_its_default(capsys):
