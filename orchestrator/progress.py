@@ -1,4 +1,4 @@
-"""The live view of a sweep: trials pending/running/finished/failed/stopped, best so far, elapsed and ETA.
+"""The live view of a sweep: trials pending/running/finished/failed/interrupted/stopped, best so far, elapsed, ETA.
 
 A rich live table on a terminal; plain timestamped log lines otherwise (CI, batch jobs), one per state change.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from .trials import Trial
 
-STATES = ("pending", "running", "finished", "failed", "stopped", "skipped")
+STATES = ("pending", "running", "finished", "failed", "interrupted", "stopped", "skipped")
 
 
 @dataclass
@@ -77,7 +77,7 @@ class SweepProgress:
 
     def eta_seconds(self) -> float | None:
         counts = self.counts()
-        done = counts["finished"] + counts["failed"] + counts["stopped"]
+        done = counts["finished"] + counts["failed"] + counts["interrupted"] + counts["stopped"]
         remaining = self.unfinished()
         if not done or not remaining:
             return None
@@ -96,7 +96,7 @@ class SweepProgress:
         table = Table(title=f"sweep {self.name}", caption=self.summary())
         for column in ("trial", "state", "epoch", "val_error", "test_error", "note"):
             table.add_column(column)
-        order = {s: i for i, s in enumerate(("running", "pending", "finished", "stopped", "failed", "skipped"))}
+        order = {s: i for i, s in enumerate(("running", "pending", "finished", "stopped", "interrupted", "failed", "skipped"))}
         for key, v in sorted(self.trials.items(), key=lambda kv: order[kv[1].state]):
             table.add_row(v.label, v.state, _fmt(v.info.get("epoch", "")), _fmt(v.info.get("val_error", "")),
                           _fmt(v.info.get("test_error", "")), str(v.info.get("reason", "")))

@@ -255,6 +255,31 @@ def test_requeue_resumes_from_checkpoint_in_the_same_run(slurm_cluster, tmp_path
     assert "Calling checkpoint method" in log and f"Requeued job {job_id}" in log  # submitit's own path
 
 
+def test_a_cancelled_job_is_an_interrupted_trial_that_a_rerun_resumes(slurm_cluster, tmp_path):
+    """scancel (or preemption) is not the trial's failure: the sweep says how to resume, and a re-run does."""
+    total = 60
+    spec = spec_file(tmp_path, space={"optim.lr": [0.1]}, base={**yaml.safe_load(SMOKE.read_text())["base"],
+                     "schedule": {"total": total, "milestones": [50]}, "tracking": {"log_every": 3},
+                     "checkpoint": {"every": 6}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out", wait=False)
+    try:
+        reports = next(iter_until(lambda: list((tmp_path / "out" / "reports").glob("*.jsonl")), 90))[0]
+        first = wait_report(reports, lambda r: r.get("epoch", 0) >= 2)
+        slurm_cluster.run("scancel", first_job_id(tmp_path / "out"))
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "1 interrupted" in out and "Error stream" not in out, out
+    assert "run the same command again to resume them from their checkpoints" in out
+    code, again = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
+    assert code == 0 and "1 interrupted trial(s) resume from their checkpoints" in again, again
+    run, = runs(uri, "smoke")
+    assert run.info.run_id == first["run_id"] and run.info.status == "FINISHED"
+    assert steps(uri, run.info.run_id, "train_loss") == list(range(3, total + 1, 3))  # no gap, no repeat
+
+
 def test_asha_stops_a_trial_and_cancels_its_job(slurm_cluster, tmp_path):
     spec = spec_file(tmp_path, name="smoke-asha", space={"optim.lr": [0.1, 0.02, 0.5, 0.004]},
                      # val_loss, as sweeps/smoke_lr.yaml: a finished trial's final result must carry it too

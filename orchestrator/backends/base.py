@@ -7,7 +7,8 @@ from ..trials import SweepContext, Trial
 
 
 class Events(Protocol):
-    """Trial state changes, for the progress view. States: running, finished, failed, stopped."""
+    """Trial state changes, for the progress view. States: running, finished, failed, interrupted
+    (ended by the cluster, resumable), stopped (early)."""
 
     def update(self, trial_key: str, state: str, **info) -> None: ...
 

@@ -343,6 +343,11 @@ def job_over(job) -> bool:
                          "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT") for s in queued)
 
 
+# Ends that are not the trial's fault (scancel, preemption, a time limit past its requeues, a lost node): a re-run
+# of the sweep resumes the trial from its checkpoint, so they are "interrupted", not "failed".
+INTERRUPTED_STATES = ("CANCELLED", "PREEMPTED", "TIMEOUT", "NODE_FAIL")
+
+
 def outcome(job, latest: dict[str, Any], key: str | None = None) -> tuple[str, dict[str, Any]]:
     """(state, info) of trial ``key``'s job that is over, from rank 0's result (or why there is none); a fused
     group's job returns one result per member."""
@@ -351,6 +356,10 @@ def outcome(job, latest: dict[str, Any], key: str | None = None) -> tuple[str, d
         if isinstance(result, list):
             result = next(r for r in result if r.get("trial_key") == key)
     except Exception as err:  # submitit's FailedJobError (with the trace) / UncompletedJobError (with the state)
+        slurm_state = job.state.split()[0] if job.state else ""
+        if slurm_state in INTERRUPTED_STATES:  # the worker checkpointed on SIGTERM, or kept its periodic one
+            return "interrupted", {"reason": f"job {job.job_id} {slurm_state}: its checkpoint is kept; run the same "
+                                             "sweep again to resume it", **pick(latest, RESULT_KEYS)}
         lines = [line for line in str(err).splitlines() if line.strip()]
         reason = next((line for line in reversed(lines) if "Error" in line), lines[0] if lines else repr(err))
         return "failed", {"reason": f"job {job.job_id} ({job.state}): {reason.strip()[:300]}",
@@ -415,7 +424,7 @@ def relay_trial(config: dict[str, Any]) -> None:
             if job_over(job):
                 state, info = outcome(job, tail.latest())
                 final = {"status": "FINISHED" if state == "finished" else "FAILED", **info}
-                if state == "failed" and "reason" in info and not tail.latest().get("status"):
+                if state in ("failed", "interrupted") and "reason" in info and not tail.latest().get("status"):
                     raise RuntimeError(info["reason"])
         if final is None:
             time.sleep(0.5)

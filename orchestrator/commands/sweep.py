@@ -23,4 +23,7 @@ def run(args: argparse.Namespace) -> int:
         print(dry_run(ctx, trials))
         return 0
     counts = run_sweep(ctx, trials, retry_failed=args.retry_failed)
-    return 1 if counts["failed"] else 0
+    if counts["interrupted"]:
+        print(f"orchestrate sweep: {counts['interrupted']} trial(s) interrupted (cancelled or preempted); run the "
+              "same command again to resume them from their checkpoints")
+    return 1 if counts["failed"] or counts["interrupted"] else 0
