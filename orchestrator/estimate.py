@@ -9,11 +9,17 @@ import functools
 
 from resnet_core.config import GRAPH_STEPS, TrainConfig
 
-# Measured on one H100, batch 128, bf16, whole step in one CUDA graph (../shared/docs/gpu.md):
-# model multiply-adds per image -> training images/s.
-MEASURED_H100_GRAPH = {40.6e6: 63_800, 125.5e6: 23_300, 252.9e6: 12_000}  # ResNet-20, -56, -110
-EAGER_SLOWDOWN = 63_800 / 11_000  # eager PyTorch ResNet-20 vs one CUDA graph, same GPU
+# Model multiply-adds per image -> training images/s on one GPU. CIFAR ResNet-20, -56, -110: measured on one
+# H100, batch 128, bf16, the whole step in one CUDA graph (../shared/docs/gpu.md). ResNet-50 (3.86G as counted
+# here): NVIDIA's published single-A100 mixed-precision figure (DeepLearningExamples, ResNet-50 v1.5, 2,470 img/s),
+# a lower bound for an H100 until measured. Between points the time per image is interpolated; past the last,
+# it grows with the multiply-adds (compute-bound).
+THROUGHPUT = {40.6e6: 63_800, 125.5e6: 23_300, 252.9e6: 12_000, 3.858e9: 2_470}
+# Eager PyTorch against one CUDA graph for CIFAR-sized nets, which are launch-bound (ResNet-20, same GPU);
+# ImageNet-sized nets are compute-bound, and the ResNet-50 figure is an eager one.
+EAGER_SLOWDOWN = 63_800 / 11_000
 CIFAR_TRAIN_IMAGES = 50_000
+IMAGENET_TRAIN_IMAGES = 1_281_167  # ILSVRC-2012, the paper's ImageNet (Sec. 4.1: "1.28 million training images")
 # Per GPU process, beyond what PyTorch allocates: the CUDA context, cuDNN/cuBLAS handles and workspaces. A
 # conservative figure until measured (scripts/device/bench_train.py prints est_mem_gb beside peak_mem_gb).
 CUDA_CONTEXT_BYTES = int(0.75 * 2**30)
@@ -21,31 +27,41 @@ DEFAULT_GPU_MEMORY_GB = 80.0  # an H100, the GPU this project targets, when neit
 
 
 @functools.lru_cache(maxsize=None)
-def model_multiply_adds(name: str, overrides: tuple) -> int:
+def _model_facts(name: str, overrides: tuple) -> tuple[int, int]:
+    """(multiply-adds per image, native input size), from the model built on the meta device."""
     import torch
     from resnet_core.models import count_multiply_adds, create_model
     with torch.device("meta"):
-        return count_multiply_adds(create_model(name, **dict(overrides)))
+        model = create_model(name, **dict(overrides))
+        return count_multiply_adds(model), model.input_size
+
+
+def model_multiply_adds(cfg: TrainConfig) -> int:
+    return _model_facts(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))[0]
 
 
 def train_images(cfg: TrainConfig) -> int:
-    """Images one trial trains on: iterations x global batch."""
+    """Images one trial trains on: iterations x global batch, or epochs x the train split (without reading the
+    data: CIFAR-10's or ImageNet's size by the model's input, unless a subset or synthetic data says)."""
     if cfg.schedule.unit == "iterations":
         return cfg.schedule.total * cfg.batch_size
-    per_epoch = cfg.data.subset or (cfg.data.synthetic.train_size if cfg.data.path == "synthetic"
-                                    else CIFAR_TRAIN_IMAGES) - cfg.data.val_split
+    if cfg.data.subset:
+        per_epoch = cfg.data.subset
+    elif cfg.data.path == "synthetic":
+        per_epoch = cfg.data.synthetic.train_size - cfg.data.val_split
+    else:
+        per_epoch = (IMAGENET_TRAIN_IMAGES if is_imagenet_sized(cfg) else CIFAR_TRAIN_IMAGES) - cfg.data.val_split
     return cfg.schedule.total * per_epoch
 
 
 def training_multiply_adds(cfg: TrainConfig) -> float:
     """Forward + backward ~ 3x the forward multiply-adds, for every training image."""
-    macs = model_multiply_adds(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))
-    return 3.0 * macs * train_images(cfg)
+    return 3.0 * model_multiply_adds(cfg) * train_images(cfg)
 
 
 def images_per_second(macs_per_image: float, graph: bool = True) -> float:
-    """Interpolate the measured table in 1/multiply-adds; beyond it, assume compute-bound scaling."""
-    points = sorted(MEASURED_H100_GRAPH.items())
+    """Interpolate the table in time per image; beyond it, assume compute-bound scaling."""
+    points = sorted(THROUGHPUT.items())
     lo = max((p for p in points if p[0] <= macs_per_image), default=points[0])
     hi = min((p for p in points if p[0] >= macs_per_image), default=points[-1])
     if lo == hi:
@@ -57,9 +73,15 @@ def images_per_second(macs_per_image: float, graph: bool = True) -> float:
 
 
 def gpu_hours(cfg: TrainConfig) -> float:
-    macs = model_multiply_adds(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))
-    graph = cfg.step == "auto" or cfg.step in GRAPH_STEPS
-    return train_images(cfg) / images_per_second(macs, graph) / 3600
+    """GPU time of the whole trial at one GPU's rate: the same however many GPUs share it (linear scaling assumed,
+    so a multi-GPU trial costs at least this). `compile` steps are priced as eager until measured; eager costs
+    more than a graph only for the launch-bound CIFAR-sized nets."""
+    graph = cfg.step == "auto" or cfg.step in GRAPH_STEPS or is_imagenet_sized(cfg)
+    return train_images(cfg) / images_per_second(model_multiply_adds(cfg), graph) / 3600
+
+
+def is_imagenet_sized(cfg: TrainConfig) -> bool:
+    return _model_facts(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))[1] > 64
 
 
 @functools.lru_cache(maxsize=None)

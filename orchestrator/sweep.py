@@ -8,7 +8,7 @@ from pathlib import Path
 from resnet_core.tracking import tracking_uri
 
 from .backends import get_backend
-from .estimate import gpu_hours
+from .estimate import EAGER_SLOWDOWN, gpu_hours
 from .ledger import DONE, RESUME, Ledger
 from .progress import SweepProgress
 from .spec import SpecError, load_cluster_profile, load_spec
@@ -84,16 +84,18 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
         if isinstance(unit, FusedGroup):
             lines.append(f"{unit.key}: {len(members)} trials trained as one fused model (one process)")
         for trial in members:
-            hours = gpu_hours(trial.config) * r.nodes
+            hours = gpu_hours(trial.config)
             total += hours
             state = done.get(trial.key, "new")
             lines.append(f"{'  ' if len(members) > 1 else ''}trial {trial.key}  {trial.label}  [{state}]  "
                          f"~{hours:.3f} GPU-h")
         lines += ["    " + line for line in backend.describe(unit).splitlines()]
-    todo = sum(gpu_hours(t.config) * r.nodes for t in trials if done.get(t.key) != DONE)
+    todo = sum(gpu_hours(t.config) for t in trials if done.get(t.key) != DONE)
     lines += ["", f"estimated GPU-hours: {total:.2f} in all, {todo:.2f} still to run "
-                  f"(H100, bf16, CUDA-graph step; eager PyTorch takes ~{63_800 / 11_000:.1f}x longer"
-                  f"{'; fused members counted as separate trials, an upper bound' if len(units) < len(trials) else ''})",
+                  f"(one GPU's rate, bf16: CIFAR nets at the H100's CUDA-graph rates, their eager and compile "
+                  f"steps ~{EAGER_SLOWDOWN:.1f}x slower; ImageNet nets at a published A100 rate"
+                  f"{'; fused members counted as separate trials, an upper bound' if len(units) < len(trials) else ''}"
+                  f"{'; this sweep asks for no GPU: what the trials would take on one' if not r.gpus else ''})",
               "dry run: nothing submitted, nothing logged"]
     return "\n".join(lines)
 
