@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from resnet_core.config import format_validation_error, read_yaml
+from resnet_core.config import ConfigError, format_validation_error, parse_override, read_yaml, set_dotted
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 BACKENDS = ("ray", "slurm")
@@ -163,8 +163,10 @@ def check_domain(key: str, domain: Any) -> None:
 TRIAL_SECTIONS = {"model", "data", "optim", "schedule", "dist"}  # top-level keys of a trial config, not of a spec
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tuple[SweepSpec, Path]:
-    """Read and validate a sweep YAML; ``overrides`` are top-level fields from the command line (backend, ...)."""
+def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
+              sets: list[str] | tuple[str, ...] = ()) -> tuple[SweepSpec, Path]:
+    """Read and validate a sweep YAML; ``overrides`` are top-level fields from the command line (backend, ...),
+    ``sets`` its ``--set KEY=VALUE`` edits (``base.schedule.total=200``, ``space.optim.lr=[0.1,0.05]``)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"sweep spec not found: {path}")
@@ -175,10 +177,27 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> tupl
         raise SpecError(f"{path} is a trial config, not a sweep spec: train it with `orchestrate train {path}`, "
                         "or put it under base: in a sweep spec")
     tree.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    for text in sets:
+        apply_set(tree, text)
     try:
         return SweepSpec.model_validate(tree), path
     except ValidationError as err:
         raise SpecError(f"{path}: {format_validation_error(err, SweepSpec)}") from None
+
+
+def apply_set(tree: dict[str, Any], text: str) -> None:
+    """One ``--set``: dotted keys into the spec, except under ``space:``, whose keys are dotted config keys."""
+    try:
+        key, value = parse_override(text)
+        if key.startswith("space."):
+            space = tree.setdefault("space", {})
+            if not isinstance(space, dict):
+                raise ConfigError("space: is not a mapping")
+            space[key.removeprefix("space.")] = value
+        else:
+            set_dotted(tree, key, value)
+    except (ConfigError, yaml.YAMLError) as err:
+        raise SpecError(f"--set {text}: {str(err).splitlines()[0]}") from None
 
 
 def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:

@@ -23,10 +23,11 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def prepare(spec_path: str, address: str | None = None, check_data: bool = True,
+def prepare(spec_path: str, address: str | None = None, check_data: bool = True, sets: list[str] = (),
             **overrides) -> tuple[SweepContext, list[Trial]]:
-    """``address``: an existing Ray cluster (``ray start --head`` prints it; ``auto`` finds a local one)."""
-    spec, path = load_spec(spec_path, overrides)
+    """``address``: an existing Ray cluster (``ray start --head`` prints it; ``auto`` finds a local one);
+    ``sets``: ``--set KEY=VALUE`` edits of the spec."""
+    spec, path = load_spec(spec_path, overrides, sets)
     ctx = SweepContext(spec=spec, spec_path=path,
                        output=Path(spec.output or Path("runs") / "sweeps" / spec.name).resolve(),
                        tracking_uri=absolute_uri(tracking_uri(spec.tracking_uri)),

@@ -163,6 +163,20 @@ def test_dry_run_of_the_paper_depth_sweep_estimates_gpu_hours(capsys):
     assert 0.5 < hours < 20  # ~27 min for the five ResNets with CUDA graphs (gpu.md), x3 seeds, + plain nets
 
 
+def test_set_edits_a_shipped_sweep_from_the_command_line(capsys):
+    """Shrinking a shipped sweep needs no copy of its YAML (a copy's relative paths mean something else)."""
+    assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run", "--tracking-uri",
+                        "sqlite:////nonexistent/dir/m.db", "--set", "base.schedule.total=200",
+                        "base.schedule.milestones=[100,150]", "space.model.name=[resnet20,plain20]", "space.seed=[0]"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\ntrial ") == 2 and "model.name=plain20 seed=0" in out
+    assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run",
+                        "--set", "base.schedule.totl=200"]) == 2
+    assert "schedule.totl: unknown key" in capsys.readouterr().err
+    assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run", "--set", "name.x=1"]) == 2
+    assert capsys.readouterr().err.strip().endswith("--set name.x=1: name.x: 'name' is a value, not a section")
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml")))
 def test_every_shipped_sweep_dry_runs(name, capsys):
     code = orchestrate(["sweep", str(REPO / "sweeps" / f"{name}.yaml"), "--dry-run",

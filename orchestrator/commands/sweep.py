@@ -13,11 +13,15 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default: spec, $MLFLOW_TRACKING_URI, sqlite:///mlruns.db)")
     p.add_argument("--output", help="folder for checkpoints and logs (default: runs/sweeps/<name>)")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="sets",
+                   help="edit the spec: base.schedule.total=200, space.optim.lr=[0.1,0.05], resources.gpus=0.5, "
+                        "name=my_copy (a different name is a different sweep in MLflow)")
 
 
 def run(args: argparse.Namespace) -> int:
     from orchestrator.sweep import dry_run, prepare, run_sweep
-    ctx, trials = prepare(args.spec, address=args.address, check_data=not args.dry_run, backend=args.backend,
+    ctx, trials = prepare(args.spec, address=args.address, check_data=not args.dry_run, sets=args.sets,
+                          backend=args.backend,
                           tracking_uri=args.tracking_uri, output=args.output, max_concurrent=args.max_concurrent)
     if args.dry_run:
         print(dry_run(ctx, trials))
