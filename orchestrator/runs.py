@@ -111,8 +111,11 @@ def top_runs(client, experiment, metric: str, k: int) -> list:
     if k > len(ranked):
         without = len(finished) - len(ranked)
         note = f" ({without} more finished without a {metric} metric)" if without else ""
+        hint = ("; its trials hold out no val split: set data.val_split (the paper's 5000) in the sweep, or rank by "
+                "--metric test_error (chosen on the test set: an optimistic ensemble)"
+                if metric.startswith("val_") and without else "")
         raise UserError(f"--top {k}: sweep {experiment.name!r} has only {len(ranked)} finished trial runs "
-                        f"with metric {metric}{note}")
+                        f"with metric {metric}{note}{hint}")
     return ranked[:k]
 
 

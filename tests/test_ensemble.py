@@ -160,6 +160,26 @@ def test_top_larger_than_the_finished_runs(smoke_sweep, capsys):
     assert err.count("\n") == 1 and "has only 6 finished trial runs with metric val_error" in err
 
 
+def test_a_sweep_without_a_val_split_is_told_how_to_rank_its_trials(tmp_path, capsys):
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = MlflowClient(uri)
+    experiment = client.create_experiment("noval")
+    for error in (0.3, 0.2):
+        run = client.create_run(experiment, tags={"kind": "trial", "sweep": "noval"})
+        client.log_metric(run.info.run_id, "test_error", error)
+        client.set_terminated(run.info.run_id, "FINISHED")
+    assert main(["ensemble", "--top", "2", "--sweep", "noval", "--tracking-uri", uri, "--no-log"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (MLflow's store creation logs before it)
+    assert "(2 more finished without a val_error metric); its trials hold out no val split: set data.val_split" \
+        in err and "--metric test_error" in err, err
+
+
+def test_ranking_on_the_test_set_says_the_ensemble_is_optimistic(smoke_sweep, tmp_path, capsys):
+    assert main(["ensemble", "--top", "2", "--metric", "test_error", "--tracking-uri", smoke_sweep.uri, "--no-log",
+                 "--cache", str(tmp_path / "cache")]) == 0
+    assert "its test error is optimistic" in " ".join(capsys.readouterr().out.split())
+
+
 def test_unknown_sweep_lists_the_sweeps(smoke_sweep, capsys):
     assert main(["ensemble", "--top", "2", "--sweep", "nope", "--tracking-uri", smoke_sweep.uri]) == 2
     err = capsys.readouterr().err

@@ -41,6 +41,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--rounds {args.rounds}: must be at least 1")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     screen = console()
+    if args.metric.startswith("test_") and args.split == "test":
+        screen.print(f"[yellow]--metric {args.metric}: members are chosen on the test set the ensemble is measured "
+                     "on, so its test error is optimistic; rank by val_error (set data.val_split) for a fair one[/yellow]")
     client = open_client(args.tracking_uri)
     experiment = sweep_experiment(client, args.sweep)
     result = build_ensemble(client, experiment, top=args.top, metric=args.metric, split=args.split,
