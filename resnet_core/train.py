@@ -191,24 +191,30 @@ class Trainer:
 
     # -- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str) -> tuple[float, float]:
+    def evaluate(self, split: str) -> dict[str, float]:
+        """{split}_loss and _error, and with more than 10 classes _top5_error (the paper's ImageNet tables)."""
         model = self.step.eval_model()
         model.eval()
-        sums = torch.zeros(3, device=self.device)
+        sums = torch.zeros(4, device=self.device)
         for images, labels in self.eval_loaders[split].iterate(0):
             with self.step.autocast():
                 logits = model(images)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
             sums += torch.stack([F.cross_entropy(logits.float(), labels, reduction="sum"),
                                  (logits.argmax(1) != labels).sum().float(),
+                                 (top5 != labels[:, None]).all(1).sum().float(),
                                  sums.new_full((), float(labels.numel()))])  # a device fill: no host sync
         model.train()
-        loss_sum, errors, n = distributed.all_reduce_sum(sums, self.env).tolist()
-        return loss_sum / max(n, 1), errors / max(n, 1)
+        loss_sum, errors, top5_errors, n = distributed.all_reduce_sum(sums, self.env).tolist()
+        metrics = {f"{split}_loss": loss_sum / max(n, 1), f"{split}_error": errors / max(n, 1)}
+        if self.train_loader.num_classes > 10:
+            metrics[f"{split}_top5_error"] = top5_errors / max(n, 1)
+        return metrics
 
     def evaluate_all(self) -> dict[str, float]:
         metrics = {}
         for split in self.eval_loaders:
-            metrics[f"{split}_loss"], metrics[f"{split}_error"] = self.evaluate(split)
+            metrics.update(self.evaluate(split))
         if "val_error" in metrics:
             self.best_val_error = min(self.best_val_error, metrics["val_error"])
         return metrics

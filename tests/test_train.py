@@ -168,6 +168,18 @@ def test_a_checkpoint_of_another_tracking_store_goes_on_in_a_new_run_there(tmp_p
     assert history(moved, run.info.run_id)[0][0] > 16  # it went on from the checkpoint, not from 0
 
 
+def test_more_than_ten_classes_log_a_top5_error_too(tmp_path):
+    """The paper's ImageNet tables give top-1 and top-5 error; CIFAR's give top-1 only."""
+    cfg = tiny_config(tmp_path, data={"synthetic": {"num_classes": 20, "train_size": 320, "test_size": 160}},
+                      schedule={"total": 10, "milestones": [8]})
+    result = train(cfg)
+    assert 0 <= result["test_top5_error"] <= result["test_error"] <= 1, result
+    (run,) = runs_of(cfg)
+    assert run.data.metrics["test_top5_error"] == result["test_top5_error"]
+    cifar = train(tiny_config(tmp_path / "cifar", schedule={"total": 10, "milestones": [8]}))
+    assert "test_error" in cifar and "test_top5_error" not in cifar
+
+
 def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     cfg = tiny_config(tmp_path, optim={"lr": 1e30})
     result = train(cfg)
