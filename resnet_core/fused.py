@@ -441,7 +441,8 @@ class FusedTrainer:
         for m in self.members:
             if m.failed:
                 continue
-            self.log(m, {**metrics[m.index], "epoch": epoch})
+            best = {"best_val_error": m.best_val_error} if "val_error" in metrics[m.index] else {}
+            self.log(m, {**metrics[m.index], **best, "epoch": epoch})  # stopped early, a trial still has one
             if self.report:
                 self.report({**metrics[m.index], "iteration": self.iteration, "epoch": epoch, "trial_key": m.key,
                              "run_id": m.run_id})

@@ -220,7 +220,9 @@ class Trainer:
         return metrics
 
     def log_eval(self, metrics: dict[str, float], epoch: int) -> None:
-        self.log({**metrics, "epoch": epoch})
+        # the best so far at every evaluation: a trial stopped early (ASHA) has one too
+        best = {"best_val_error": self.best_val_error} if "val_error" in metrics else {}
+        self.log({**metrics, **best, "epoch": epoch})
         if self.report and self.env.is_main:
             self.report({**metrics, "iteration": self.iteration, "epoch": epoch, "trial_key": self.key,
                          "run_id": self.run_id, "total_iterations": self.schedule.total})
@@ -278,7 +280,6 @@ class Trainer:
         final = {**metrics, "epoch": epoch}
         if "val_error" in metrics:
             final["best_val_error"] = self.best_val_error
-            self.log({"best_val_error": self.best_val_error})
         self.log_eval(metrics, epoch)
         self.save_checkpoint()
         if self.tracker:

@@ -119,6 +119,7 @@ def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path):
         assert r.info.status == "KILLED"
         assert r.data.tags["status_reason"].startswith("stopped early by ASHA at epoch")
         assert r.data.metrics["epoch"] < 5
+        assert r.data.metrics["best_val_error"] <= r.data.metrics["val_error"]  # status shows it for stopped ones
     assert "stopped" in output
 
 
