@@ -60,8 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     command = importlib.import_module(f"orchestrator.commands.{args.module}")
     try:
         return command.run(args) or 0
-    except (UserError, ValueError, FileNotFoundError) as err:  # SpecError and ConfigError are ValueErrors
+    except (UserError, ValueError) as err:  # SpecError and ConfigError are ValueErrors
         print(f"orchestrate {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a path that is a file where a folder must be, unwritable, too long, ...
+        said = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+        print(f"orchestrate {args.command}: error: {said}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was done is kept (finished trials, checkpoints); no traceback
         print(f"orchestrate {args.command}: interrupted{AFTER_INTERRUPT.get(args.command, '')}", file=sys.stderr)

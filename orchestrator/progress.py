@@ -48,7 +48,8 @@ class SweepProgress:
             self._live.update(self.render())
             self._live.__exit__(*exc)
         else:
-            self.log(f"sweep {self.name!r} {'interrupted' if exc[0] else 'done'}: {self.summary()}")
+            ended = "done" if exc[0] is None else "interrupted" if issubclass(exc[0], KeyboardInterrupt) else "stopped"
+            self.log(f"sweep {self.name!r} {ended}: {self.summary()}")
 
     def update(self, trial_key: str, state: str, **info) -> None:
         with self._lock:

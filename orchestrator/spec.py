@@ -43,6 +43,12 @@ class AshaConfig(Strict):
     grace_period: int = Field(1, ge=1, description="epochs every trial gets before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1)
 
+    @model_validator(mode="after")
+    def _grace_within_max_t(self) -> "AshaConfig":
+        if self.max_t is not None and self.grace_period > self.max_t:
+            raise ValueError(f"grace_period: {self.grace_period} epochs is more than max_t {self.max_t}")
+        return self
+
 
 class SchedulerConfig(Strict):
     asha: AshaConfig | None = None
@@ -102,8 +108,11 @@ class SweepSpec(Strict):
     @field_validator("name")
     @classmethod
     def _usable_name(cls, value: str) -> str:
-        if not value.strip() or "/" in value or "\n" in value or value in (".", ".."):
+        if not value.strip() or "/" in value or "\n" in value or "\0" in value or value in (".", ".."):
             raise ValueError(f"{value!r}: a sweep name must be non-empty, one line, without '/'")
+        if len(value.encode()) > 200:  # it names folders: 255 bytes at most, with a suffix or two
+            raise ValueError(f"{value[:40]!r}...: {len(value.encode())} bytes; a sweep name names folders, "
+                             "keep it under 200")
         return value
 
     @field_validator("backend", mode="before")
@@ -169,7 +178,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
     ``sets`` its ``--set KEY=VALUE`` edits (``base.schedule.total=200``, ``space.optim.lr=[0.1,0.05]``)."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"sweep spec not found: {path}")
+        raise SpecError(f"sweep spec not found: {path}" if not path.is_dir() else f"{path}: is a folder, not a YAML file")
     tree = read_yaml(path, SpecError)
     if not isinstance(tree, dict):
         raise SpecError(f"{path}: the top level must be a mapping (name, base, space, ...)")
@@ -216,6 +225,9 @@ def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
     # a typo here would be ignored: the sweep would quietly run on a local Ray, or without the partition
     for key in sorted(set(profile) - PROFILE_SECTIONS):
         raise SpecError(f"{found}: {key}: unknown key; valid: {', '.join(sorted(PROFILE_SECTIONS))}")
+    for section in PROFILE_SECTIONS & profile.keys():
+        if not isinstance(profile[section] or {}, dict):
+            raise SpecError(f"{found}: {section}: must be a mapping of settings, not {profile[section]!r}")
     for key in sorted(set(profile.get("ray") or {}) - {"address"}):
         raise SpecError(f"{found}: ray.{key}: unknown key; valid: address")
     return profile

@@ -32,6 +32,8 @@ def prepare(spec_path: str, address: str | None = None, check_data: bool = True,
                        output=Path(spec.output or Path("runs") / "sweeps" / spec.name).resolve(),
                        tracking_uri=absolute_uri(tracking_uri(spec.tracking_uri)),
                        cluster=load_cluster_profile(spec, path))
+    if ctx.output.exists() and not ctx.output.is_dir():
+        raise SpecError(f"output: {ctx.output} is a file; the sweep writes checkpoints and logs into a folder there")
     if address:
         ctx.cluster.setdefault("ray", {})["address"] = address
     if ctx.cluster.get("ray", {}).get("address") and spec.backend == "ray":

@@ -169,10 +169,14 @@ def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
 
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as YAML (``optim.lr=0.05``, ``model.shortcut=B``)."""
-    if "=" not in text:
+    if "=" not in text or not text.split("=", 1)[0].strip():
         raise ConfigError(f"override {text!r} is not key=value")
     key, raw = text.split("=", 1)
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), load_yaml(raw)
+    except yaml.YAMLError as err:
+        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({what}); quote it: {key}='\"...\"'") from None
 
 
 def valid_keys_at(path: tuple, root: type[BaseModel] | None = None) -> list[str]:
@@ -200,14 +204,39 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] | None =
     return f"{key}: {message}{more}" if key and not message.startswith(key) else f"{message}{more}"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys: a second `optim:` section silently dropped the first's lr."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=UniqueKeyLoader)
+
+
 def read_yaml(path: Path, error: type[ValueError]):
     """A YAML file's content; a syntax error is one line naming the file, line and column."""
+    if path.is_dir():
+        raise error(f"{path}: is a folder, not a YAML file")
     try:
-        return yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
+        tree = load_yaml(path.read_text())
+        json.dumps(tree, default=str)  # an alias inside itself ("a: &x [*x]") loads, then breaks every copy
+        return tree
+    except UnicodeDecodeError as err:
+        raise error(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
+    except ValueError as err:  # json's "Circular reference detected"
+        raise error(f"{path}: not usable YAML ({err})") from None
+    except (yaml.YAMLError, RecursionError) as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        what = getattr(err, "problem", None) or str(err).splitlines()[0]
+        what = getattr(err, "problem", None) or (str(err).splitlines() or [type(err).__name__])[0]
         raise error(f"{path}{where}: not valid YAML ({what})") from None
 
 
@@ -226,7 +255,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+            raise ConfigError(f"config file not found: {path}" if not path.is_dir() else f"{path}: is a folder, not a YAML file")
         tree = read_yaml(path, ConfigError) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")

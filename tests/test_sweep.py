@@ -230,6 +230,9 @@ MALFORMED = [
     ({"name": "x", "fuse": 2, "resources": {"gpus": 2}}, "fuse: a fused group trains in one process"),
     ({"name": "x", "fuse": 2, "space": {"seed": [0, 1]}, "base": {**BASE, "dist": {"engine": "deepspeed"}}},
      "dist.engine: fused trials train in one process without DeepSpeed"),
+    ({"name": "x", "scheduler": {"asha": {"max_t": 1, "grace_period": 5}}},
+     "scheduler.asha.grace_period: 5 epochs is more than max_t 1"),  # was Ray's AssertionError at run time
+    ({"name": "x" * 300}, "300 bytes; a sweep name names folders"),  # was OSError after the experiment existed
 ]
 
 
@@ -250,16 +253,20 @@ def test_malformed_spec_is_one_line_naming_the_key_and_nothing_happens(tmp_path,
     ("name: x\nbase: {model: {depth: 8}\nspace: {}\n", "bad.yaml:3:1: not valid YAML (expected ',' or '}', but got '<scalar>')"),
     ("- a\n- b\n", "top level must be"),
     ("model: {depth: 8}\noptim: {lr: 0.1}\n", "is a trial config, not a sweep spec: train it with `orchestrate train"),
+    ("name: x\nspace: {seed: [0]}\nspace: {seed: [1]}\n", "bad.yaml:3:1: not valid YAML (duplicate key 'space')"),
+    ("name: x\nbase: &b {x: *b}\n", "bad.yaml: not usable YAML (Circular reference detected)"),
+    ("\udcff", "bad.yaml: not a text file"),
 ])
 def test_spec_that_is_not_a_mapping_is_refused(tmp_path, capsys, text, message):
     path = tmp_path / "bad.yaml"
-    path.write_text(text)
+    path.write_bytes(text.encode(errors="surrogateescape"))
     assert orchestrate(["sweep", str(path)]) == 2
     assert message in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("profile, message", [("slurrm: {partition: debug}\n", "profile.yaml: slurrm: unknown key"),
-                                              ("ray: {adress: auto}\n", "profile.yaml: ray.adress: unknown key")])
+                                              ("ray: {adress: auto}\n", "profile.yaml: ray.adress: unknown key"),
+                                              ("ray: 5\n", "profile.yaml: ray: must be a mapping of settings, not 5")])
 def test_a_typo_in_a_cluster_profile_is_named_not_ignored(tmp_path, capsys, profile, message):
     (tmp_path / "profile.yaml").write_text(profile)
     spec = smoke_spec(tmp_path, cluster="profile.yaml")
@@ -271,6 +278,16 @@ def test_missing_spec_file_is_named(tmp_path, capsys):
     assert orchestrate(["sweep", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
     assert "sweep spec not found" in err and "nope.yaml" in err
+    assert orchestrate(["sweep", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a folder, not a YAML file" in capsys.readouterr().err
+
+
+def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, capsys):
+    (tmp_path / "taken").write_text("")
+    assert orchestrate(["sweep", str(smoke_spec(tmp_path)), "--output", str(tmp_path / "taken"),
+                        "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 2
+    assert "is a file; the sweep writes checkpoints and logs into a folder there" in capsys.readouterr().err
+    assert not (tmp_path / "m.db").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
