@@ -27,7 +27,8 @@ class Plan:
 class Ledger:
     def __init__(self, uri: str, experiment: str, create: bool = True):
         from mlflow import MlflowClient
-        from resnet_core.tracking import get_or_create_experiment
+        from resnet_core.tracking import check_store_usable, get_or_create_experiment
+        check_store_usable(uri)
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         # Created here, once, before any worker writes: concurrent creation of an sqlite store crashes.

@@ -38,11 +38,13 @@ def open_client(uri: str | None):
 def check_store(uri: str) -> None:
     """A sqlite file that does not exist is a typo or the wrong folder: opening it would create an empty store
     and answer "no sweeps", so say so instead."""
+    from resnet_core.tracking import check_store_usable
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
-        if not path.is_file():
+        if not path.exists():
             raise UserError(f"no MLflow store at {path.resolve()} (tracking URI {uri}); pass --tracking-uri or "
                             f"set MLFLOW_TRACKING_URI")
+    check_store_usable(uri)
 
 
 def add_store_arguments(p) -> None:

@@ -19,14 +19,16 @@ import csv
 import logging
 import os
 import platform
+import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
-from .config import check_tracking_uri
+from .config import ConfigError, check_tracking_uri
 
 log = logging.getLogger(__name__)
 # "Creating initial MLflow database tables..." on every new store: noise in a user's terminal
@@ -63,6 +65,30 @@ def is_transient(err: Exception) -> bool:
 
 def tracking_uri(configured: str | None) -> str:
     return check_tracking_uri(configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+
+
+def check_store_usable(uri: str, probe_server: bool = True) -> None:
+    """One line for a store MLflow would meet with a long traceback (a folder or a non-database as the sqlite
+    file, the retired file store) or with minutes of retries (no server at an http address)."""
+    if uri.startswith("sqlite:///"):
+        path = Path(uri.removeprefix("sqlite:///"))
+        if path.is_dir():
+            raise ConfigError(f"tracking URI {uri}: {path} is a folder; name the database file in it, "
+                              f"e.g. sqlite:///{path / 'mlruns.db'}")
+        if path.is_file() and path.stat().st_size and path.read_bytes()[:16] != b"SQLite format 3\x00":
+            raise ConfigError(f"tracking URI {uri}: {path} is not an SQLite database (an MLflow store is one)")
+        if not path.parent.is_dir():
+            raise ConfigError(f"tracking URI {uri}: folder {path.parent} does not exist")
+    elif uri.startswith("file:"):
+        raise ConfigError(f"tracking URI {uri}: MLflow's file store is retired; use sqlite:///PATH/mlruns.db")
+    elif uri.startswith(("http://", "https://")) and probe_server:
+        address = urlparse(uri)
+        port = address.port or (443 if address.scheme == "https" else 80)
+        try:
+            socket.create_connection((address.hostname, port), timeout=10).close()
+        except OSError as err:
+            raise ConfigError(f"tracking URI {uri}: no tracking server answers there ({err.strerror or err}); "
+                              "start one with `orchestrate tracking-server`") from None
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -113,7 +139,9 @@ class Tracker:
         for name, value in CLIENT_DEFAULTS.items():
             os.environ.setdefault(name, value)  # read by MLflow's HTTP client at each request
         from mlflow import MlflowClient
-        self.client = MlflowClient(tracking_uri=tracking_uri(uri))
+        uri = tracking_uri(uri)
+        check_store_usable(uri, probe_server=False)  # a server that is restarting gets the client's retries
+        self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment)
         self.run_id: str | None = None
         self.flush_seconds, self.retry_seconds = flush_seconds, retry_seconds

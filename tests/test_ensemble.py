@@ -193,6 +193,22 @@ def test_a_tracking_uri_without_scheme_is_one_line_saying_what_to_write(command,
     assert err.count("\n") == 1 and "tracking URI 'mlruns.db' has no scheme: sqlite:///mlruns.db" in err, err
 
 
+@pytest.mark.parametrize("store, message", [
+    ("notdb.db", "notdb.db is not an SQLite database"),
+    ("folder", "folder is a folder; name the database file in it"),
+    ("http://127.0.0.1:1", "no tracking server answers there"),  # MLflow alone retries for ~4 minutes
+    ("file:///x/mlruns", "MLflow's file store is retired; use sqlite:///PATH/mlruns.db"),
+])
+@pytest.mark.parametrize("command", [["ensemble", "--top", "2"], ["report"], ["status"]])
+def test_a_store_mlflow_cannot_use_is_one_line(tmp_path, capsys, command, store, message):
+    (tmp_path / "notdb.db").write_text("not a database\n")
+    (tmp_path / "folder").mkdir()
+    uri = store if "://" in store else f"sqlite:///{tmp_path / store}"
+    assert main([*command, "--tracking-uri", uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
 def test_status_counts_the_trials_of_each_sweep_and_lists_one(smoke_sweep, capsys):
     assert main(["status", "--tracking-uri", smoke_sweep.uri]) == 0
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "smoke" in line and "│" in line]

@@ -198,6 +198,7 @@ def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     ("data.path=/nope", "data.path: /nope does not exist"),
     ("data.val_split=100000", "data.val_split: 100000 leaves no train images"),
     ("optim.lr=[0.1", "--set optim.lr=[0.1: the value is not valid YAML"),
+    ("tracking.uri=sqlite:////tmp", "tracking URI sqlite:////tmp: /tmp is a folder"),
 ])
 def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, override, key):
     cfg_path = write_config(tmp_path, tiny_config(tmp_path))

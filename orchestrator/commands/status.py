@@ -20,12 +20,12 @@ def run(args: argparse.Namespace) -> int:
 
     from orchestrator.cli import UserError
     from orchestrator.runs import sweep_names
-    from orchestrator.sweep import absolute_uri, store_exists
+    from orchestrator.sweep import absolute_uri
     from resnet_core.tracking import tracking_uri
 
+    from orchestrator.runs import check_store
     uri = absolute_uri(tracking_uri(args.tracking_uri))
-    if not store_exists(uri):
-        raise UserError(f"no tracking store at {uri}")
+    check_store(uri)
     client = MlflowClient(uri)
     if args.sweep is None:
         table = Table(title=f"sweeps in {uri}")
