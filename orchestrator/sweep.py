@@ -9,7 +9,7 @@ from resnet_core.tracking import tracking_uri
 
 from .backends import get_backend
 from .estimate import EAGER_SLOWDOWN, gpu_hours
-from .ledger import DONE, RESUME, Ledger
+from .ledger import DONE, RESUME, SKIP_FAILED, Ledger
 from .progress import SweepProgress
 from .spec import SpecError, load_cluster_profile, load_spec
 from .trials import FusedGroup, SweepContext, Trial, check_data_exists, check_gpu_memory, expand, fuse, gpu_memory_plan
@@ -124,6 +124,9 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
     progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
     if plan.count(RESUME):
         progress.log(f"sweep {ctx.spec.name!r}: {plan.count(RESUME)} interrupted trial(s) resume from their checkpoints")
+    if plan.count(SKIP_FAILED):
+        progress.log(f"sweep {ctx.spec.name!r}: {plan.count(SKIP_FAILED)} trial(s) failed in an earlier run and are "
+                     "skipped; --retry-failed runs them again (`orchestrate status` says why they failed)")
     with progress:
         if plan.to_run:
             backend.run(plan.to_run, progress)
@@ -131,4 +134,5 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
                 raise KeyboardInterrupt
         elif hasattr(backend, "stop"):
             backend.stop()
-    return {"started": len(plan.to_run), "skipped": len(skipped), **progress.counts()}
+    return {"started": len(plan.to_run), "skipped": len(skipped), "failed_before": plan.count(SKIP_FAILED),
+            **progress.counts()}

@@ -64,6 +64,23 @@ def test_smoke_sweep_finishes_and_a_rerun_starts_nothing(tmp_path):
     assert len(trial_runs(tmp_path, "smoke")) == 4
 
 
+def test_a_rerun_says_failed_trials_were_skipped_and_retry_failed_runs_them_in_their_run(tmp_path):
+    spec = smoke_spec(tmp_path, space={"optim.lr": [0.1, 1e30]})  # 1e30: the loss is NaN at once, FAILED
+    first = sweep(tmp_path, spec)
+    output = first.communicate(timeout=400)[0]
+    assert first.returncode == 1 and "1 finished, 1 failed" in output, output[-3000:]
+    (failed,) = [r for r in trial_runs(tmp_path, "smoke") if r.info.status == "FAILED"]
+    again = sweep(tmp_path, spec)
+    output = again.communicate(timeout=400)[0]
+    assert again.returncode == 1 and "running" not in output, output[-3000:]  # not "done" with exit 0
+    assert "1 trial(s) failed in an earlier run and are skipped; --retry-failed runs them again" in output
+    retry = sweep(tmp_path, spec, "--retry-failed")
+    output = retry.communicate(timeout=400)[0]
+    assert retry.returncode == 1 and "running  optim.lr=1e+30" in output, output[-3000:]
+    runs = trial_runs(tmp_path, "smoke")
+    assert len(runs) == 2 and failed.info.run_id in {r.info.run_id for r in runs}  # the same run, again
+
+
 def sweep_until_a_trial_finishes(tmp_path: Path) -> tuple[Path, subprocess.Popen]:
     """The smoke sweep at 60 iterations a trial, in a session of its own, once its first trial has finished."""
     spec = smoke_spec(tmp_path, base={**yaml.safe_load(smoke_spec(tmp_path).read_text())["base"],

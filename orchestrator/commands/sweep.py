@@ -30,4 +30,4 @@ def run(args: argparse.Namespace) -> int:
     if counts["interrupted"]:
         print(f"orchestrate sweep: {counts['interrupted']} trial(s) interrupted (cancelled or preempted); run the "
               "same command again to resume them from their checkpoints")
-    return 1 if counts["failed"] or counts["interrupted"] else 0
+    return 1 if counts["failed"] or counts["interrupted"] or counts["failed_before"] else 0  # not all done
