@@ -69,6 +69,24 @@ class Ledger:
         for key, value in tags.items():
             self.client.set_experiment_tag(self.experiment_id, key, value)
 
+    def record_failures(self, trials: list[Trial], reasons: dict[str, str]) -> None:
+        """Trials that failed before their worker opened a run (a data error, a launcher that did not start):
+        a FAILED run with the reason, so that status shows them and a re-run skips them unless --retry-failed
+        (the worker then continues this run, as it does any run of its trial)."""
+        from mlflow.entities import Param
+        from resnet_core.tracking import flatten
+        runs = self.trial_runs()
+        for trial in trials:
+            if trial.key not in reasons or trial.key in runs:
+                continue
+            cfg = trial.config
+            tags = {**cfg.tracking.tags, "kind": "trial", "trial_key": trial.key, "status_reason": reasons[trial.key]}
+            run_id = self.client.create_run(self.experiment_id, run_name=cfg.tracking.run_name, tags=tags).info.run_id
+            params = [Param(k, v[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(run_id, params=params[i:i + 100])
+            self.client.set_terminated(run_id, status="FAILED")
+
     def mark_early_stopped(self, run_id: str, reason: str) -> None:
         """The scheduler stopped this trial: a final state with the reason, never resumed by a re-run."""
         for key, value in {"early_stopped": "true", "status_reason": reason}.items():

@@ -132,6 +132,9 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
             backend.run(plan.to_run, progress)
             if progress.unfinished():  # Tune returns (it does not raise) when Ctrl-C stopped it
                 raise KeyboardInterrupt
+            failed = {key: view.info.get("reason", "") for key, view in progress.trials.items() if view.state == "failed"}
+            if failed:
+                Ledger(ctx.tracking_uri, ctx.spec.name).record_failures(plan.to_run, failed)
         elif hasattr(backend, "stop"):
             backend.stop()
     return {"started": len(plan.to_run), "skipped": len(skipped), "failed_before": plan.count(SKIP_FAILED),

@@ -164,19 +164,25 @@ class Tracker:
         return runs[0].info.run_id if runs else None
 
     def start(self, run_id: str | None, run_name: str | None, params: dict[str, str], tags: dict[str, str]) -> str:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import RunTag
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
-            items = [Param(k, v[:6000]) for k, v in params.items()]
-            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self._log_params(params)
         else:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            if not self.client.get_run(run_id).data.params:  # a run opened for the trial by someone else
+                self._log_params(params)
             self._last_step = self.logged_steps()
         return self.run_id
+
+    def _log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def logged_steps(self) -> dict[str, int]:
         metrics = self.client.get_run(self.run_id).data.metrics

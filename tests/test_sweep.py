@@ -81,6 +81,27 @@ def test_a_rerun_says_failed_trials_were_skipped_and_retry_failed_runs_them_in_t
     assert len(runs) == 2 and failed.info.run_id in {r.info.run_id for r in runs}  # the same run, again
 
 
+def test_a_trial_that_fails_before_its_run_opens_is_recorded_failed_with_its_error_in_one_line(tmp_path):
+    spec = smoke_spec(tmp_path, space={"data.subset": [100000]})  # more images than the synthetic set has
+    proc = sweep(tmp_path, spec)
+    output = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert "reason=DataError: data.subset: 100000 is more than the " in output and "(traceback: " in output
+    (run,) = trial_runs(tmp_path, "smoke")  # status shows it; a re-run skips it unless --retry-failed
+    assert run.info.status == "FAILED" and run.data.tags["status_reason"].startswith("DataError: data.subset")
+    assert run.data.params["data.subset"] == "100000" and run.data.tags["sweep"] == "smoke"
+    error_file = Path(run.data.tags["status_reason"].split("(traceback: ")[1].rstrip(")"))
+    assert "in split_indices" in error_file.read_text()  # the traceback, kept in the sweep's output folder
+
+
+def test_a_worker_continuing_a_run_opened_for_it_logs_its_params(tmp_path):
+    from resnet_core.tracking import Tracker
+    tracker = Tracker(f"sqlite:///{tmp_path}/m.db", "x")
+    run_id = tracker.client.create_run(tracker.experiment_id).info.run_id  # as Ledger.record_failures opens one
+    tracker.start(run_id, "name", {"optim.lr": "0.1"}, {"kind": "trial"})
+    assert tracker.client.get_run(run_id).data.params == {"optim.lr": "0.1"}
+
+
 def sweep_until_a_trial_finishes(tmp_path: Path) -> tuple[Path, subprocess.Popen]:
     """The smoke sweep at 60 iterations a trial, in a session of its own, once its first trial has finished."""
     spec = smoke_spec(tmp_path, base={**yaml.safe_load(smoke_spec(tmp_path).read_text())["base"],

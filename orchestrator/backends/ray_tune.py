@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -209,7 +210,11 @@ class RayTuneBackend:
         import logging
         import ray
         # Tune's "Resume experiment with: Tuner.restore(...)" after Ctrl-C: here a re-run of the sweep resumes
-        logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore" not in record.getMessage())
+        logging.getLogger("ray.tune.tune").addFilter(lambda record: "Tuner.restore" not in record.getMessage()
+                                                     and "Trials did not complete" not in record.getMessage())
+        # A failed trial's 60-line traceback: the view gives its last line and the file Tune keeps it in
+        logging.getLogger("ray.tune.execution.tune_controller").addFilter(
+            lambda record: "Trial task failed" not in record.getMessage())
         # Trials keep the sweep's working directory: relative data paths and stores mean the same there.
         os.environ["RAY_CHDIR_TO_TRIAL_DIR"] = "0"
         os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -294,7 +299,18 @@ class EventsCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         for key in trial_keys(trial):
-            self.events.update(key, "failed", reason="error in the trial (see its log)")
+            self.events.update(key, "failed", reason=error_line(trial))
+
+
+def error_line(tune_trial) -> str:
+    """The trial's own exception in one line, and where its traceback is kept (the sweep's output folder)."""
+    kept = Path(tune_trial.path) / "error.txt" if tune_trial.path else None
+    try:  # the driver's staging copy: written before this callback, unlike the copy in storage
+        lines = Path(tune_trial.error_file).read_text().strip().splitlines()
+        said = re.sub(r"^[\w.]*\.(?=\w+: )", "", lines[-1])  # resnet_core.data.config.DataError: -> DataError:
+    except (OSError, TypeError, IndexError):
+        said = "the trial raised an error"
+    return f"{said[:300]} (traceback: {kept or 'in the trial log'})"
 
 
 def trial_keys(tune_trial) -> list[str]:
