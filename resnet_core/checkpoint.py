@@ -96,7 +96,24 @@ def save(folder: Path, iteration: int, state: dict[str, Any], keep: int) -> Path
 
 def verify(path: Path) -> bool:
     match = NAME.match(path.name)
-    return bool(match) and hashlib.sha256(path.read_bytes()).hexdigest()[:16] == match.group(2)
+    return bool(match) and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest()[:16] == match.group(2)
+
+
+REQUIRED_KEYS = ("iteration", "step", "run_id", "trial_key")  # what every resume reads (train.trial_state)
+
+
+def read(path: Path, map_location) -> dict | None:
+    """The checkpoint's state, or None when it passes its checksum but is no checkpoint of ours (a file written
+    by another version or by hand): rejected like a corrupt one, never a traceback in the middle of a resume."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001  UnpicklingError, RuntimeError, EOFError: all mean "not loadable"
+        log.warning("checkpoint %s does not load (%s: %s)", path, type(err).__name__, str(err).splitlines()[0][:200])
+        return None
+    if not isinstance(state, dict) or not all(key in state for key in REQUIRED_KEYS):
+        log.warning("checkpoint %s lacks the keys a resume needs (%s)", path, ", ".join(REQUIRED_KEYS))
+        return None
+    return state
 
 
 def load_latest(folder: Path, map_location: str | torch.device = "cpu") -> tuple[dict | None, list[str]]:
@@ -108,12 +125,13 @@ def load_latest(folder: Path, map_location: str | torch.device = "cpu") -> tuple
     """
     rejected = []
     for path in checkpoint_files(folder):
-        if verify(path):
-            return torch.load(path, map_location=map_location, weights_only=True), rejected
-        log.warning("checkpoint %s fails its checksum; trying the previous one", path)
+        state = read(path, map_location) if verify(path) else None
+        if state is not None:
+            return state, rejected
+        log.warning("checkpoint %s is unusable (checksum, or contents); trying the previous one", path)
         path.rename(path.with_name(path.name + ".rejected"))
         rejected.append(path.name)
     if rejected:
-        raise CheckpointError(f"every checkpoint in {folder} fails its checksum ({', '.join(rejected)}, now "
-                              "*.rejected); set checkpoint.resume: false to start this trial over")
+        raise CheckpointError(f"no checkpoint in {folder} is usable ({', '.join(rejected)}, now *.rejected: "
+                              "checksum or contents); set checkpoint.resume: false to start this trial over")
     return None, rejected

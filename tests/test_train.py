@@ -117,16 +117,20 @@ def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_evaluation(tmp_path, mo
     assert history(cfg, resumed["run_id"], "test_error") == want
 
 
+def trial_state_at(iteration: int) -> dict:
+    return {"iteration": iteration, "step": {}, "run_id": "r", "trial_key": "k"}  # checkpoint.REQUIRED_KEYS
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     folder = tmp_path / "ckpt"
-    checkpoint.save(folder, 10, {"iteration": 10}, keep=2)
-    newest = checkpoint.save(folder, 20, {"iteration": 20}, keep=2)
+    checkpoint.save(folder, 10, trial_state_at(10), keep=2)
+    newest = checkpoint.save(folder, 20, trial_state_at(20), keep=2)
     newest.write_bytes(newest.read_bytes()[:-7])  # truncated, as by a crash or a full disk
     state, rejected = checkpoint.load_latest(folder)
-    assert state == {"iteration": 10} and rejected == [newest.name]
+    assert state == trial_state_at(10) and rejected == [newest.name]
     # set aside, so it no longer counts among the `keep` newest: the next save keeps the good fallback
     assert newest.with_name(newest.name + ".rejected").exists()
-    checkpoint.save(folder, 30, {"iteration": 30}, keep=2)
+    checkpoint.save(folder, 30, trial_state_at(30), keep=2)
     assert [int(p.name.split("-")[1]) for p in checkpoint.checkpoint_files(folder)] == [30, 10]
 
 
@@ -134,8 +138,27 @@ def test_only_corrupt_checkpoints_is_an_error_not_a_silent_restart(tmp_path):
     folder = tmp_path / "ckpt"
     only = checkpoint.save(folder, 10, {"iteration": 10}, keep=2)
     only.write_bytes(b"garbage")
-    with pytest.raises(checkpoint.CheckpointError, match="every checkpoint .* fails its checksum"):
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint in .* is usable"):
         checkpoint.load_latest(folder)
+
+
+@pytest.mark.parametrize("contents", [b"random bytes, not a torch file", "a torch file without a trial's keys"])
+def test_a_checkpoint_with_a_good_checksum_but_unusable_contents_is_rejected_for_the_previous_one(tmp_path, contents):
+    """Written by another version or by hand: its name's checksum matches, its contents do not resume a trial."""
+    import hashlib
+    import io
+    folder = tmp_path / "ckpt"
+    good = trial_state_at(10)
+    checkpoint.save(folder, 10, good, keep=3)
+    if isinstance(contents, str):
+        buffer = io.BytesIO()
+        torch.save({"iteration": 20}, buffer)
+        contents = buffer.getvalue()
+    newest = folder / f"ckpt-000000020-{hashlib.sha256(contents).hexdigest()[:16]}.pt"
+    newest.write_bytes(contents)
+    assert checkpoint.verify(newest)
+    state, rejected = checkpoint.load_latest(folder)
+    assert state == good and rejected == [newest.name] and newest.with_name(newest.name + ".rejected").exists()
 
 
 def test_a_checkpoint_that_does_not_fit_the_model_fails_its_run_with_the_reason(tmp_path):
