@@ -15,6 +15,7 @@ depend on DIR). Processes are started in their own sessions and stopped by their
 """
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import secrets
@@ -50,14 +51,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def port_in_use(host: str, port: int) -> bool:
+def cannot_listen(host: str, port: int) -> str | None:
+    """Why a server could not listen on host:port (a port in use, an unknown host), or None if it can."""
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except socket.gaierror as err:
+            return f"--host {host!r}: not a known host or address ({err.strerror})"
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return f"port {port} on {host} is in use; choose another with --port"
+            return f"cannot listen on {host}:{port} ({err.strerror})"
+    return None
 
 
 def stop_process(proc: subprocess.Popen | None, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
@@ -223,8 +229,9 @@ class TrackingServer:
 
     def start(self) -> "TrackingServer":
         self.folder.mkdir(parents=True, exist_ok=True)
-        if port_in_use(self.host, self.port):
-            raise TrackingServerError(f"port {self.port} on {self.host} is in use; choose another with --port")
+        problem = cannot_listen(self.host, self.port)
+        if problem:
+            raise TrackingServerError(problem)
         try:
             if self.database:
                 self.database.start()

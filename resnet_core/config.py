@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +95,14 @@ class TrackingConfig(Section):
     @classmethod
     def _is_a_uri(cls, uri: str | None) -> str | None:
         return uri if uri is None else check_tracking_uri(uri)
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _values_as_text(cls, tags):
+        """MLflow tags are text: `--set tracking.tags.seed=5` reads 5 as a number, which means "5" here."""
+        if isinstance(tags, dict):
+            return {k: v if isinstance(v, (str, dict, list)) else str(v) for k, v in tags.items()}
+        return tags
 
 
 def check_tracking_uri(uri: str) -> str:
@@ -184,6 +193,9 @@ def valid_keys_at(path: tuple, root: type[BaseModel] | None = None) -> list[str]
     section: type[BaseModel] = root or TrainConfig
     for part in path:
         annotation = section.model_fields[part].annotation
+        # an optional section (`asha: AshaConfig | None`): the model inside the union
+        annotation = next((a for a in typing.get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)),
+                          annotation)
         if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
             return []
         section = annotation

@@ -270,7 +270,9 @@ MALFORMED = [
      "dist.engine: fused trials train in one process without DeepSpeed"),
     ({"name": "x", "scheduler": {"asha": {"max_t": 1, "grace_period": 5}}},
      "scheduler.asha.grace_period: 5 epochs is more than max_t 1"),  # was Ray's AssertionError at run time
-    ({"name": "x" * 300}, "300 bytes; a sweep name names folders"),  # was OSError after the experiment existed
+    ({"name": "x" * 300}, "300 bytes; a sweep name names folders"),
+    ({"name": "x", "scheduler": {"asha": {"metrc": "val_loss"}}},
+     "scheduler.asha.metrc: unknown key; valid keys here: metric, mode, max_t"),  # an optional section's keys  # was OSError after the experiment existed
 ]
 
 

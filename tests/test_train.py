@@ -258,6 +258,11 @@ def test_batch_not_divisible_by_world_size_is_refused_before_anything_is_logged(
     assert not (tmp_path / "mlruns.db").exists()
 
 
+def test_tag_values_given_as_numbers_are_text():
+    assert build_config(overrides=["tracking.tags.seed=5", "tracking.tags.on=true"]).tracking.tags == {"seed": "5",
+                                                                                                    "on": "True"}
+
+
 def test_config_defaults_are_the_papers_recipe():
     cfg = build_config()
     assert (cfg.batch_size, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (128, 0.1, 0.9, 1e-4)

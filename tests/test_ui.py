@@ -146,6 +146,12 @@ def test_port_in_use_is_a_one_line_error(smoke_sweep, capsys):
     assert err.count("\n") == 1 and f"port {port} on 127.0.0.1 is in use" in err
 
 
+def test_a_host_that_does_not_resolve_is_named_not_called_a_port_in_use(smoke_sweep, capsys):
+    assert main(["ui", "--host", "not a host", "--tracking-uri", smoke_sweep.uri]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--host 'not a host': not a known host or address" in err, err
+
+
 def test_unknown_sweep_lists_the_sweeps(smoke_sweep, capsys):
     assert main(["ui", "--sweep", "nope", "--tracking-uri", smoke_sweep.uri]) == 2
     assert "no sweep 'nope'" in capsys.readouterr().err

@@ -34,9 +34,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be in 1..65535")
-    from orchestrator.tracking_server import port_in_use, stop_process
-    if port_in_use(args.host, args.port):
-        raise UserError(f"port {args.port} on {args.host} is in use; choose another with --port")
+    from orchestrator.tracking_server import cannot_listen, stop_process
+    problem = cannot_listen(args.host, args.port)
+    if problem:
+        raise UserError(problem)
     proc = start_server(uri, args.host, args.port)
     # Ctrl-C, or SIGTERM from a supervisor, or SIGINT to a process a shell started in the background (where
     # it arrives ignored): each must reach the `finally` below, or the server is left running on its own.
