@@ -115,6 +115,15 @@ class SweepSpec(Strict):
                              "keep it under 200")
         return value
 
+    @field_validator("base")
+    @classmethod
+    def _no_keys_the_sweep_sets(cls, base: dict[str, Any]) -> dict[str, Any]:
+        """Keys every trial of a sweep gets from the sweep: set in base they would be overwritten without a word."""
+        for section, key, instead in SWEEP_SET_KEYS:
+            if key in (base.get(section) or {}):
+                raise ValueError(f"base.{section}.{key}: the sweep sets it for every trial; {instead}")
+        return base
+
     @field_validator("backend", mode="before")
     @classmethod
     def _known_backend(cls, value):
@@ -233,4 +242,7 @@ def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
     return profile
 
 
+SWEEP_SET_KEYS = (("tracking", "uri", "use tracking_uri: at the top of the spec, or --tracking-uri"),
+                  ("tracking", "experiment", "the sweep's name is its MLflow experiment"),
+                  ("checkpoint", "root", "checkpoints go under output: (or --output)"))
 PROFILE_SECTIONS = {"slurm", "ray"}  # slurm's own keys are checked by the SLURM backend (PROFILE_KEYS there)

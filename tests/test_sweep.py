@@ -271,6 +271,8 @@ MALFORMED = [
     ({"name": "x", "scheduler": {"asha": {"max_t": 1, "grace_period": 5}}},
      "scheduler.asha.grace_period: 5 epochs is more than max_t 1"),  # was Ray's AssertionError at run time
     ({"name": "x" * 300}, "300 bytes; a sweep name names folders"),
+    ({"name": "x", "base": {**BASE, "tracking": {"uri": "sqlite:///mine.db"}}},
+     "base.tracking.uri: the sweep sets it for every trial; use tracking_uri: at the top of the spec"),
     ({"name": "x", "scheduler": {"asha": {"metrc": "val_loss"}}},
      "scheduler.asha.metrc: unknown key; valid keys here: metric, mode, max_t"),  # an optional section's keys  # was OSError after the experiment existed
 ]

@@ -43,8 +43,7 @@ def build(args: argparse.Namespace) -> dict:
         warmup = sched.get("warmup")
         if isinstance(warmup, dict) and warmup.get("length", 0) >= args.iters // 4:
             warmup["length"] = max(1, args.iters // 100)
-    base["checkpoint"] = {**base.get("checkpoint", {}), "every": min(args.checkpoint_every, args.iters),
-                          "root": str(Path(args.study) / "checkpoints")}
+    base["checkpoint"] = {**base.get("checkpoint", {}), "every": min(args.checkpoint_every, args.iters)}
     base["eval"] = {**base.get("eval", {}), "every_epochs": args.eval_every}
     if args.batch_size:
         base["batch_size"] = args.batch_size
