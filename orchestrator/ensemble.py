@@ -131,8 +131,8 @@ def member_predictions(client, run_id: str, split: str, cache: PredictionCache, 
     from resnet_core.data import build_loader
     cfg = load_config(client, run_id)
     if split == "val" and not cfg.data.val_split:
-        raise UserError(f"run {run_id} has no val split (data.val_split = 0): greedy and weighted ensembles "
-                        f"need one; use --method mean")
+        raise UserError(f"run {run_id} has no val split (data.val_split = 0): measure on --split test, and with "
+                        "--method mean (greedy and weighted ensembles choose on the val split)")
     model = load_model(client, run_id, device)
     loader = build_loader(cfg.data.model_copy(update={"augment": False}), split, batch_size, device)
     logits, labels = predict(model, loader)
