@@ -5,7 +5,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from resnet_core.tracking import tracking_uri
+from resnet_core.tracking import check_store_usable, tracking_uri
 
 from .backends import get_backend
 from .estimate import EAGER_SLOWDOWN, gpu_hours
@@ -111,6 +111,7 @@ def plan_and_record(ctx: SweepContext, trials: list[Trial], retry_failed: bool):
 
 def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False, live: bool | None = None) -> dict:
     backend = get_backend(ctx.spec.backend)(ctx)  # refuses what it cannot run before anything is logged
+    check_store_usable(ctx.tracking_uri)  # before the engine starts, not seconds into it
     fresh_store = not store_exists(ctx.tracking_uri)
     with ThreadPoolExecutor(1) as pool:
         # Creating an sqlite store runs MLflow's migrations (~8 s); a new store means every trial will run, so

@@ -218,18 +218,32 @@ def test_weird_names_and_a_trial_across_both_nodes(slurm_cluster, tmp_path):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / WEIRD_DIR / "pwned").exists()
 
 
+def one_long_trial(tmp_path: Path, total: int) -> tuple[Path, str]:
+    """smoke.yaml as one trial long enough to interrupt: a point every 3 iterations, a checkpoint every 6."""
+    spec = spec_file(tmp_path, space={"optim.lr": [0.1]}, base={**yaml.safe_load(SMOKE.read_text())["base"],
+                     "schedule": {"total": total, "milestones": [total * 5 // 6]}, "tracking": {"log_every": 3},
+                     "checkpoint": {"every": 6}})
+    return spec, f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def start_until_epoch_2(cluster, tmp_path: Path, spec: Path, uri: str):
+    """The sweep running (output in ./out), its trial's report file, and the trial's first report past epoch 2."""
+    proc = orchestrate(cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out", wait=False)
+    try:
+        reports = next(iter_until(lambda: list((tmp_path / "out" / "reports").glob("*.jsonl")), 90))[0]
+        return proc, reports, wait_report(reports, lambda r: r.get("epoch", 0) >= 2)
+    except BaseException:
+        proc.kill()
+        raise
+
+
 def test_requeue_resumes_from_checkpoint_in_the_same_run(slurm_cluster, tmp_path):
     """Both preemption paths on one trial: a plain `scontrol requeue` (SIGTERM; SLURM requeues), then submitit's
     USR2 (the worker checkpoints, submitit's checkpoint() + scontrol requeue). One run, no duplicate steps."""
     total = 72
-    spec = spec_file(tmp_path, space={"optim.lr": [0.1]}, base={**yaml.safe_load(SMOKE.read_text())["base"],
-                     "schedule": {"total": total, "milestones": [60]}, "tracking": {"log_every": 3},
-                     "checkpoint": {"every": 6}})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out", wait=False)
+    spec, uri = one_long_trial(tmp_path, total)
+    proc, reports, first = start_until_epoch_2(slurm_cluster, tmp_path, spec, uri)
     try:
-        reports = next(iter_until(lambda: list((tmp_path / "out" / "reports").glob("*.jsonl")), 90))[0]
-        first = wait_report(reports, lambda r: r.get("epoch", 0) >= 2)
         job_id = first_job_id(tmp_path / "out")
         slurm_cluster.requeue(job_id)
         wait_report(reports, lambda r: r.get("epoch", 0) > first["epoch"] + 2, after=first)
@@ -258,14 +272,9 @@ def test_requeue_resumes_from_checkpoint_in_the_same_run(slurm_cluster, tmp_path
 def test_a_cancelled_job_is_an_interrupted_trial_that_a_rerun_resumes(slurm_cluster, tmp_path):
     """scancel (or preemption) is not the trial's failure: the sweep says how to resume, and a re-run does."""
     total = 60
-    spec = spec_file(tmp_path, space={"optim.lr": [0.1]}, base={**yaml.safe_load(SMOKE.read_text())["base"],
-                     "schedule": {"total": total, "milestones": [50]}, "tracking": {"log_every": 3},
-                     "checkpoint": {"every": 6}})
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    proc = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out", wait=False)
+    spec, uri = one_long_trial(tmp_path, total)
+    proc, _, first = start_until_epoch_2(slurm_cluster, tmp_path, spec, uri)
     try:
-        reports = next(iter_until(lambda: list((tmp_path / "out" / "reports").glob("*.jsonl")), 90))[0]
-        first = wait_report(reports, lambda r: r.get("epoch", 0) >= 2)
         slurm_cluster.run("scancel", first_job_id(tmp_path / "out"))
         out, _ = proc.communicate(timeout=120)
     finally:
