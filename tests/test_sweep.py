@@ -324,6 +324,13 @@ def test_missing_spec_file_is_named(tmp_path, capsys):
     assert f"{tmp_path}: is a folder, not a YAML file" in capsys.readouterr().err
 
 
+def test_a_store_that_is_not_a_database_stops_a_sweep_before_its_engine_starts(tmp_path, capsys):
+    (tmp_path / "notdb.db").write_text("not a database\n")
+    assert orchestrate(["sweep", str(smoke_spec(tmp_path)), "--tracking-uri", f"sqlite:///{tmp_path}/notdb.db"]) == 2
+    assert "notdb.db is not an SQLite database" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_an_output_that_is_a_file_is_refused_before_anything_starts(tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     assert orchestrate(["sweep", str(smoke_spec(tmp_path)), "--output", str(tmp_path / "taken"),
