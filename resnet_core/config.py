@@ -59,12 +59,19 @@ class ScheduleConfig(Section):
     total: int = Field(64000, ge=1, description="training length in `unit`")
     kind: Literal["step", "cosine", "constant"] = "step"
     milestones: tuple[int, ...] = Field((32000, 48000), description="step schedule: lr *= gamma at these")
-    gamma: float = Field(0.1, gt=0)
+    gamma: float = Field(0.1, gt=0, allow_inf_nan=False)
     warmup: WarmupConfig = WarmupConfig()
+
+    @field_validator("milestones")
+    @classmethod
+    def _increasing(cls, milestones: tuple[int, ...]) -> tuple[int, ...]:
+        if any(m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
+            raise ValueError(f"{list(milestones)} must be positive and increasing")
+        return milestones
 
 
 class OptimConfig(Section):
-    lr: float = Field(0.1, gt=0, description="peak lr for the global batch")
+    lr: float = Field(0.1, gt=0, allow_inf_nan=False, description="peak lr for the global batch")
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
     nesterov: bool = False

@@ -222,6 +222,8 @@ def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     ("data.val_split=100000", "data.val_split: 100000 leaves no train images"),
     ("optim.lr=[0.1", "--set optim.lr=[0.1: the value is not valid YAML"),
     ("tracking.uri=sqlite:////tmp", "tracking URI sqlite:////tmp: /tmp is a folder"),
+    ("schedule.milestones=[100,50]", "schedule.milestones: [100, 50] must be positive and increasing"),
+    ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
 ])
 def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, override, key):
     cfg_path = write_config(tmp_path, tiny_config(tmp_path))
