@@ -27,8 +27,7 @@ class Plan:
 class Ledger:
     def __init__(self, uri: str, experiment: str, create: bool = True):
         from mlflow import MlflowClient
-        from resnet_core.tracking import check_store_usable, get_or_create_experiment
-        check_store_usable(uri)
+        from resnet_core.tracking import get_or_create_experiment
         self.client = MlflowClient(tracking_uri=uri)
         found = self.client.get_experiment_by_name(experiment)
         # Created here, once, before any worker writes: concurrent creation of an sqlite store crashes.
@@ -73,8 +72,7 @@ class Ledger:
         """Trials that failed before their worker opened a run (a data error, a launcher that did not start):
         a FAILED run with the reason, so that status shows them and a re-run skips them unless --retry-failed
         (the worker then continues this run, as it does any run of its trial)."""
-        from mlflow.entities import Param
-        from resnet_core.tracking import flatten
+        from resnet_core.tracking import flatten, log_params
         runs = self.trial_runs()
         for trial in trials:
             if trial.key not in reasons or trial.key in runs:
@@ -82,9 +80,7 @@ class Ledger:
             cfg = trial.config
             tags = {**cfg.tracking.tags, "kind": "trial", "trial_key": trial.key, "status_reason": reasons[trial.key]}
             run_id = self.client.create_run(self.experiment_id, run_name=cfg.tracking.run_name, tags=tags).info.run_id
-            params = [Param(k, v[:6000]) for k, v in flatten(cfg.model_dump(mode="json")).items()]
-            for i in range(0, len(params), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(run_id, params=params[i:i + 100])
+            log_params(self.client, run_id, flatten(cfg.model_dump(mode="json")))
             self.client.set_terminated(run_id, status="FAILED")
 
     def mark_early_stopped(self, run_id: str, reason: str) -> None:

@@ -65,6 +65,7 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
     backend = get_backend(ctx.spec.backend)(ctx)
     done = {}
     if store_exists(ctx.tracking_uri):
+        check_store_usable(ctx.tracking_uri)
         done = Ledger(ctx.tracking_uri, ctx.spec.name, create=False).plan(trials).reason
     r = ctx.spec.resources
     lines = [f"sweep {ctx.spec.name!r}: {len(trials)} trials on backend {ctx.spec.backend} "

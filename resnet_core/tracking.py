@@ -131,6 +131,13 @@ def get_or_create_experiment(client, name: str) -> str:
         return client.get_experiment_by_name(name).experiment_id
 
 
+def log_params(client, run_id: str, params: dict[str, str]) -> None:
+    from mlflow.entities import Param
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        client.log_batch(run_id, params=items[i:i + 100])
+
+
 class Tracker:
     """One trial's MLflow run. ``flush_seconds`` bounds how stale the store may be while training."""
 
@@ -168,21 +175,15 @@ class Tracker:
         if run_id is None:
             run = self.client.create_run(self.experiment_id, run_name=run_name, tags=tags)
             self.run_id = run.info.run_id
-            self._log_params(params)
+            log_params(self.client, self.run_id, params)
         else:
             self.run_id = run_id
             self.client.update_run(run_id, status="RUNNING")
             self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             if not self.client.get_run(run_id).data.params:  # a run opened for the trial by someone else
-                self._log_params(params)
+                log_params(self.client, run_id, params)
             self._last_step = self.logged_steps()
         return self.run_id
-
-    def _log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
-        items = [Param(k, v[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def logged_steps(self) -> dict[str, int]:
         metrics = self.client.get_run(self.run_id).data.metrics

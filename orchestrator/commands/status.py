@@ -19,11 +19,10 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from orchestrator.cli import UserError
-    from orchestrator.runs import sweep_names
+    from orchestrator.runs import check_store, sweep_names
     from orchestrator.sweep import absolute_uri
     from resnet_core.tracking import tracking_uri
 
-    from orchestrator.runs import check_store
     uri = absolute_uri(tracking_uri(args.tracking_uri))
     check_store(uri)
     client = MlflowClient(uri)
