@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 from orchestrator.cli import main as orchestrate
 
 from conftest import REPO
+from processes import descendants, wait_until_gone
 
 BIN = Path(sys.executable).parent
 
@@ -116,8 +117,12 @@ def sweep_until_a_trial_finishes(tmp_path: Path) -> tuple[Path, subprocess.Popen
 
 def test_killed_orchestrator_then_rerun_finishes_only_the_missing_trials(tmp_path):
     spec, proc = sweep_until_a_trial_finishes(tmp_path)
+    started = descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)  # the orchestrator and everything it started, mid-sweep
     proc.wait()
+    # Ray's processes run in sessions of their own: they die with the orchestrator, not at once; a trial
+    # near its end may finish meanwhile. What is in the store once they are gone is what a re-run finds.
+    wait_until_gone(started)
     before = {r.data.tags["trial_key"]: r.info.status for r in trial_runs(tmp_path, "smoke")}
     assert 1 <= list(before.values()).count("FINISHED") < 4, before
     output = finish(sweep(tmp_path, spec))

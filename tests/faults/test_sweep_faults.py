@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from faultlib import BIN, REPO, running_server, steps_of
+from processes import cmdline, descendants
 
 SMOKE = REPO / "sweeps" / "smoke.yaml"
 LOCAL = REPO / "cluster" / "local-slurm.yaml"
@@ -89,34 +90,6 @@ def wait_for(what: str, get, timeout: float, proc: subprocess.Popen | None = Non
             return value
         time.sleep(poll)
     raise AssertionError(f"no {what} within {timeout:.0f} s")
-
-
-def children_map() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
-
-
-def descendants(pid: int) -> list[int]:
-    tree, found, todo = children_map(), [], [pid]
-    while todo:
-        for child in tree.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-    except OSError:
-        return ""
 
 
 def processes_of_job(job_id: str) -> list[int]:
