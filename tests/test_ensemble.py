@@ -160,6 +160,15 @@ def test_top_larger_than_the_finished_runs(smoke_sweep, capsys):
     assert err.count("\n") == 1 and "has only 6 finished trial runs with metric val_error" in err
 
 
+def test_a_batch_size_below_one_is_refused_even_when_every_prediction_is_cached(smoke_sweep, tmp_path, capsys):
+    args = ["ensemble", "--top", "2", "--tracking-uri", smoke_sweep.uri, "--no-log", "--cache", str(tmp_path)]
+    assert main(args) == 0  # fills the cache
+    capsys.readouterr()
+    assert main([*args, "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--batch-size 0: must be at least 1" in err
+
+
 def test_a_sweep_without_a_val_split_is_told_how_to_rank_its_trials(tmp_path, capsys):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     client = MlflowClient(uri)

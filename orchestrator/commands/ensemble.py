@@ -39,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--device cuda: this machine has no CUDA GPU")
     if args.rounds is not None and args.rounds < 1:
         raise UserError(f"--rounds {args.rounds}: must be at least 1")
+    if args.batch_size < 1:  # checked here: with every member's predictions cached, none would be computed
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     screen = console()
     if args.metric.startswith("test_") and args.split == "test":
