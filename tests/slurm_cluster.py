@@ -88,6 +88,9 @@ class SlurmCluster:
         """Run `up` (idempotent) and return the cluster. Raises RuntimeError with up's stderr on failure."""
         state_dir = Path(state_dir) if state_dir is not None else state_dir_default()
         env = dict(os.environ, PATH=_path_env())
+        # A cluster whose controller already runs is someone else's (CI's, another session's) even when `up`
+        # has to restart a daemon of it: this session must not take it down at its end.
+        owned_elsewhere = cls(state_dir=state_dir.resolve(), env=env).pid("slurmctld") is not None
         t0 = time.monotonic()
         proc = subprocess.run([str(UP), str(state_dir), *extra_args], env=env, capture_output=True, text=True,
                               timeout=timeout, stdin=subprocess.DEVNULL)
@@ -102,7 +105,7 @@ class SlurmCluster:
         if not conf:
             raise RuntimeError(f"`up` printed no SLURM_CONF line:\n{proc.stdout}\n{proc.stderr}")
         env["SLURM_CONF"] = conf
-        started = "already running" not in proc.stderr
+        started = not owned_elsewhere and "already running" not in proc.stderr
         return cls(state_dir=state_dir.resolve(), env=env, started_here=started, up_seconds=elapsed)
 
     def up(self, *extra_args: str, timeout: float = 240) -> subprocess.CompletedProcess:
