@@ -108,6 +108,19 @@ class StackedSGD:
         self.flat.addcmul_(self.lr[self.member_of], d_p, value=-1.0)
 
 
+def _normalize_in_own_dtype(module: nn.Module, args: tuple) -> tuple:
+    """Batch norm under vmap takes a bf16 input (CUDA autocast casts the vmapped convolution) with its fp32
+    running stats to a kernel that reads both as bf16: "expected scalar type BFloat16 but found Float" in the
+    backward on CUDA, in the forward on CPU. It gets its own dtype in and gives its input's dtype back."""
+    own = next((t.dtype for t in (module.weight, module.running_mean) if t is not None), torch.float32)
+    module._input_dtype = args[0].dtype
+    return (args[0].to(own), *args[1:])
+
+
+def _back_to_input_dtype(module: nn.Module, _args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return output.to(module._input_dtype)
+
+
 class FusedModel:
     """K models of one architecture as stacked tensors; calling it runs all K on [K, B, ...] (or one shared
     [B, ...]) input and returns [K, B, classes]."""
@@ -136,6 +149,10 @@ class FusedModel:
         self.member_of = torch.cat(member_of)
         self.buffers = {name: value.to(device) for name, value in buffers.items()}
         self.base = copy.deepcopy(models[0]).to("meta")  # the architecture only: functional_call supplies tensors
+        for module in self.base.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.register_forward_pre_hook(_normalize_in_own_dtype)
+                module.register_forward_hook(_back_to_input_dtype)
 
     def _forward(self, params: dict, buffers: dict, images: torch.Tensor) -> torch.Tensor:
         return functional_call(self.base, (params, buffers), (images,))

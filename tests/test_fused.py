@@ -70,6 +70,20 @@ def members(tmp_path: Path, variants=((0, 0.1, 1e-4), (0, 0.05, 1e-4), (1, 0.1, 
     return out
 
 
+def test_fused_batch_norm_takes_a_bf16_input_as_cuda_autocast_gives_it():
+    # On CUDA autocast the vmapped convolution hands batch norm bf16 while its running stats are fp32; vmap's
+    # batch-norm rule then fails ("expected scalar type BFloat16 but found Float"). On CPU the same input fails
+    # in the forward, so this checks the fix here.
+    models = [torch.nn.Sequential(torch.nn.BatchNorm2d(4)) for _ in range(2)]
+    fused = FusedModel(models, torch.device("cpu"))
+    images = torch.randn(2, 8, 4, 5, 5, dtype=torch.bfloat16)
+    out = fused(images, shared_input=False)
+    assert out.dtype == torch.bfloat16 and out.shape == images.shape
+    out.float().square().sum().backward()
+    assert fused.grad.abs().sum() > 0  # weights and biases of both members got gradients
+    assert fused.buffers["0.running_mean"].dtype == torch.float32 and fused.buffers["0.running_mean"].abs().sum() > 0
+
+
 def test_seeds_share_one_copy_of_the_data_and_keep_their_own_order(tmp_path):
     from resnet_core.fused import FusedTrainer
     cfgs = [build_config(c) for c in members(tmp_path)]  # seeds 0, 0, 1
