@@ -169,6 +169,16 @@ class GraphStep(EagerStep):
                 buffer.copy_(before)
 
 
+def half_batch_norm_statistics(model: nn.Module, dtype: torch.dtype) -> None:
+    """DeepSpeed's bf16/fp16 casts parameters, not buffers: batch norm then gets bf16 weights with fp32 running
+    statistics, which its kernels refuse ("expected scalar type BFloat16 but found Float"). The statistics follow
+    the weights, as in a model.half() run."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is not None:
+            module.running_mean = module.running_mean.to(dtype)
+            module.running_var = module.running_var.to(dtype)
+
+
 class DeepSpeedStep(EagerStep):
     """The same model and SGD through ``deepspeed.initialize`` (ZeRO stage, bf16/fp16, clipping from the config)."""
 
@@ -182,9 +192,14 @@ class DeepSpeedStep(EagerStep):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(cfg, env.world_size, self.precision))
         unlink_shm_allreduce_buffer(env)
+        if self.precision in AUTOCAST_DTYPES:
+            half_batch_norm_statistics(self.engine.module, AUTOCAST_DTYPES[self.precision])
 
     def autocast(self):
-        return contextlib.nullcontext()  # the engine casts the model itself
+        """Evaluation only (training casts its batch itself): fp32 images into the engine's bf16/fp16 weights."""
+        if self.precision not in AUTOCAST_DTYPES:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:

@@ -436,6 +436,22 @@ def test_deepspeed_engine_in_one_process_without_a_launcher_follows_the_plain_cu
     assert_same_curve(history(ds_cfg, run.info.run_id), want, rel=1e-2)  # same SGD, same batches (measured: 1e-3 apart by step 16)
 
 
+def test_deepspeed_bf16_trains_and_evaluates_near_the_fp32_curve(tmp_path, reference_curve):
+    """DeepSpeed's bf16 casts the weights, not batch norm's running statistics, and evaluation fed fp32 images to
+    the bf16 weights: both were type errors (on a GPU, where bf16 is the default, too)."""
+    cfg, want = reference_curve
+    ds_cfg = {**cfg, "dist": {"engine": "deepspeed", "zero_stage": 0}, "precision": "bf16",
+              "tracking": {**cfg["tracking"], "experiment": "deepspeed-bf16"},
+              "checkpoint": {**cfg["checkpoint"], "root": str(tmp_path / "ckpt")}}
+    env = {k: v for k, v in worker_env(tmp_path).items() if k not in ("RANK", "WORLD_SIZE", "MASTER_PORT")}
+    proc = subprocess.run([BIN / "orchestrate", "train", write_config(tmp_path, ds_cfg)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = runs_of(ds_cfg)
+    assert "test_error" in run.data.metrics
+    assert_same_curve(history(ds_cfg, run.info.run_id), want, rel=0.1)  # bf16 rounding (measured: <= 0.034 apart)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not CIFAR_JPEG.exists(), reason=f"{CIFAR_JPEG} is absent (../shared beside the repo)")
 def test_learns_real_cifar_well_below_chance(tmp_path):
