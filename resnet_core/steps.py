@@ -116,6 +116,11 @@ class GraphStep(EagerStep):
         super().load_state_dict(state)
         for group in self.optimizer.param_groups:
             group["lr"], group["fused"] = self.lr, True
+        # Fused SGD needs each momentum buffer in its parameter's layout (channels_last here); a checkpoint of a
+        # fused member or of a CPU run holds contiguous ones, and loading keeps the saved strides.
+        for param, st in self.optimizer.state.items():
+            if st.get("momentum_buffer") is not None and st["momentum_buffer"].stride() != param.stride():
+                st["momentum_buffer"] = torch.empty_like(param).copy_(st["momentum_buffer"])
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         self.lr.fill_(lr)

@@ -59,6 +59,18 @@ def test_a_resumed_graph_step_reads_the_lr_tensor_not_the_checkpoints_lr():
     assert all(torch.equal(a, b) for a, b in zip(before, graph.model.parameters()))
 
 
+def test_a_graph_step_resumed_from_contiguous_momentum_gets_it_in_its_channels_last_layout():
+    eager = make(EagerStep)  # contiguous, as a fused member's or a CPU run's checkpoint
+    train_eagerly(eager, 2)
+    graph = make(GraphStep)
+    graph.model.to(memory_format=torch.channels_last)
+    graph.load_state_dict(eager.state_dict())
+    saved = {p: s["momentum_buffer"] for p, s in eager.optimizer.state.items()}
+    for (param, st), want in zip(graph.optimizer.state.items(), saved.values()):
+        assert st["momentum_buffer"].stride() == param.stride()  # what fused SGD's kernel requires
+        torch.testing.assert_close(st["momentum_buffer"], want, rtol=0, atol=0)
+
+
 def test_undoing_the_capture_warm_up_keeps_a_resumed_runs_momentum():
     eager = make(EagerStep)
     train_eagerly(eager, 2)
