@@ -29,6 +29,23 @@ def test_bench_loader_compare_prints_every_loader_with_ratios(capsys):
     assert "x torch" in out and "1.00" in out  # torch's own ratio
 
 
+def test_a_loader_that_breaks_mid_compare_is_a_failed_row_and_the_others_are_measured(capsys, monkeypatch):
+    from orchestrator.commands import bench_loader
+    measure = bench_loader.measure
+
+    def dali_breaks(args, name):  # as DALI's GPU decoder might on a driver it was not built for
+        if name == "dali":
+            raise RuntimeError("nvJPEG: decoder failed")
+        return measure(args, name)
+
+    monkeypatch.setattr(bench_loader, "measure", dali_breaks)
+    args = ["bench-loader", "--compare", "--data", "synthetic", "--batch-size", "32", "--batches", "3", "--workers", "0",
+            "--synthetic-size", "256"]
+    assert main(args) == 1  # a script running the bench notices
+    out = capsys.readouterr().out
+    assert "failed" in out and "RuntimeError: nvJPEG: decoder failed" in out and "1.00" in out  # torch measured
+
+
 def test_bench_loader_bad_input_is_exit_code_2(capsys, tmp_path):
     assert main(["bench-loader", "--data", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err

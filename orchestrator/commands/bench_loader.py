@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     rows = [_measure_or_skip(args, name) for name in LOADERS]
     _print_table(args, rows)
-    return 0
+    return 1 if any("failed" in r for r in rows) else 0
 
 
 def measure(args: argparse.Namespace, loader_name: str) -> dict:
@@ -80,10 +80,16 @@ def _sync(torch, device: str) -> None:
 
 
 def _measure_or_skip(args: argparse.Namespace, name: str) -> dict:
+    from orchestrator.cli import UserError
+    from resnet_core.data import DataError
     try:
         return measure(args, name)
     except ImportError as err:  # an optional loader missing on this machine is a row, not a crash
         return dict(loader=name, skipped=str(err))
+    except (UserError, DataError):  # bad input is every loader's: one line, as without --compare
+        raise
+    except Exception as err:  # one loader broken on this machine (a decoder, a driver) keeps the others' rows
+        return dict(loader=name, failed=f"{type(err).__name__}: {err}")
 
 
 def _print_table(args: argparse.Namespace, rows: list[dict]) -> None:
@@ -96,8 +102,9 @@ def _print_table(args: argparse.Namespace, rows: list[dict]) -> None:
     for column in ("loader", "images/s", "x torch", "first batch s"):
         table.add_column(column, justify="left" if column == "loader" else "right")
     for r in rows:
-        if "skipped" in r:
-            table.add_row(r["loader"], "skipped", "", r["skipped"][:60])
+        if "skipped" in r or "failed" in r:
+            state = "skipped" if "skipped" in r else "failed"
+            table.add_row(r["loader"], state, "", r[state][:60])
             continue
         ratio = f"{r['images_per_s'] / torch_rate:.2f}" if torch_rate else "-"
         table.add_row(r["loader"], f"{r['images_per_s']:,.0f}", ratio, f"{r['first_batch_s']:.2f}")
