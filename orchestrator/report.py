@@ -44,9 +44,11 @@ def is_plain(family: str) -> bool:
     return family.split(" [")[0] == "plain"
 
 
-# Params that differ between trials without making them different experiments: the seed (a cell's repeats), the
-# model (a cell's family and depth), where a trial keeps its checkpoints and metrics.
-NOT_A_VARIANT = ("seed", "model.", "checkpoint.", "tracking.")
+# Params that differ between trials without making them different experiments: the seed (a cell's repeats), what
+# a cell's family and depth already say (runs.family_of), where a trial keeps its checkpoints and metrics. Any other
+# model setting (model.zero_init_residual) is a variant.
+NOT_A_VARIANT = ("seed", "model.name", "model.depth", "model.shortcut", "model.plain", "model.unit",
+                 "model.bottleneck", "checkpoint.", "tracking.")
 
 
 def variants(runs) -> dict[str, str]:

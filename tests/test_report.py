@@ -138,6 +138,11 @@ def test_trials_that_differ_in_more_than_model_and_seed_are_separate_cells(tmp_p
     runs = [trial(0, 0.1, 8), trial(1, 0.1, 8), trial(0, 0.027535425526875226, 14)]
     assert list(variants(runs).values()) == ["optim.lr=0.1", "optim.lr=0.1", "optim.lr=0.02754"]  # as labels
     assert list(variants(runs[:2]).values()) == ["", ""]  # seeds only: one cell
+    # a model setting the family label does not name is a variant too (it was pooled as a seed)
+    client.log_param(runs[1].info.run_id, "model.zero_init_residual", "True")
+    client.log_param(runs[0].info.run_id, "model.zero_init_residual", "False")
+    runs[:2] = [client.get_run(r.info.run_id) for r in runs[:2]]
+    assert list(variants(runs[:2]).values()) == ["model.zero_init_residual=False", "model.zero_init_residual=True"]
 
 
 @pytest.mark.parametrize("params, family, depth", [
