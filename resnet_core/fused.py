@@ -513,9 +513,7 @@ class FusedTrainer:
         if "val_error" in metrics:
             metrics["best_val_error"] = m.best_val_error
             self.log(m, {"best_val_error": m.best_val_error})
-        self.log(m, {k: v for k, v in metrics.items() if k != "best_val_error"})
-        if self.report:
-            self.report({**metrics, "iteration": self.iteration, "trial_key": m.key, "run_id": m.run_id})
+        self.log(m, {k: v for k, v in metrics.items() if k != "best_val_error"})  # not reported: see Trainer.finish
         if m.tracker:
             log_trial_artifacts(m.tracker, m.cfg, self.model.member_state_dict(m.index),
                                 self.train_loaders[0].num_classes)

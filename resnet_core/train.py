@@ -219,11 +219,11 @@ class Trainer:
             self.best_val_error = min(self.best_val_error, metrics["val_error"])
         return metrics
 
-    def log_eval(self, metrics: dict[str, float], epoch: int) -> None:
+    def log_eval(self, metrics: dict[str, float], epoch: int, report: bool = True) -> None:
         # the best so far at every evaluation: a trial stopped early (ASHA) has one too
         best = {"best_val_error": self.best_val_error} if "val_error" in metrics else {}
         self.log({**metrics, **best, "epoch": epoch})
-        if self.report and self.env.is_main:
+        if report and self.report and self.env.is_main:
             self.report({**metrics, "iteration": self.iteration, "epoch": epoch, "trial_key": self.key,
                          "run_id": self.run_id, "total_iterations": self.schedule.total})
 
@@ -280,7 +280,9 @@ class Trainer:
         final = {**metrics, "epoch": epoch}
         if "val_error" in metrics:
             final["best_val_error"] = self.best_val_error
-        self.log_eval(metrics, epoch)
+        # Not reported: a scheduler acting on it (ASHA at a rung on the last epoch) would stop a trained trial
+        # before its weights are kept and its run ends; the backend reports the returned result instead.
+        self.log_eval(metrics, epoch, report=False)
         self.save_checkpoint()
         if self.tracker:
             self.log_artifacts()

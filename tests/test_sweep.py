@@ -166,6 +166,20 @@ def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path):
     assert "stopped" in output
 
 
+def test_an_asha_rung_on_the_last_epoch_keeps_every_trained_trial(tmp_path):
+    """One epoch each (6 steps of 64 from 384 images), ASHA's first rung at epoch 1: every trial has trained to
+    its end, so none is 'stopped early' — each ends FINISHED with its weights, usable by report and ensemble."""
+    base = yaml.safe_load((REPO / "sweeps" / "smoke_lr.yaml").read_text())["base"]
+    base["schedule"] = {"total": 6, "kind": "constant"}
+    base["checkpoint"] = {"every": 6}
+    output = finish(sweep(tmp_path, smoke_spec(tmp_path, "smoke_lr", base=base)))
+    runs = trial_runs(tmp_path, "smoke_lr")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs), output[-3000:]
+    assert not [r for r in runs if r.data.tags.get("early_stopped")], output[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    assert all("model.pt" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in runs)
+
+
 def test_fused_sweep_trains_groups_as_one_process_and_each_trial_keeps_its_run(tmp_path, capsys):
     spec = smoke_spec(tmp_path, "smoke_fused")
     assert orchestrate(["sweep", str(spec), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
