@@ -112,12 +112,25 @@ class TrackingConfig(Section):
         return tags
 
 
+# Stores MLflow's client takes; any other scheme (a typo: "sqlte") ends in a long MLflow traceback.
+TRACKING_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "file", "databricks")
+WHAT_TO_WRITE = "sqlite:///mlruns.db is a local store (sqlite:////abs/path/mlruns.db), http://HOST:PORT a tracking server"
+
+
 def check_tracking_uri(uri: str) -> str:
-    """MLflow 3 refuses a bare path (its file store is retired) with a long traceback; say what to write."""
-    if "://" not in uri and not uri.startswith("databricks"):
+    """MLflow 3 refuses a bare path (its file store is retired), a typo'd scheme or a malformed SQLite URL with a
+    long traceback; say what to write."""
+    scheme = uri.partition(":")[0].split("+")[0]
+    if uri.startswith("databricks"):
+        return uri
+    if scheme == "sqlite" and not uri.startswith("sqlite:///"):
+        raise ValueError(f"tracking URI {uri!r}: a SQLite store is sqlite:/// and the file's path; {WHAT_TO_WRITE}")
+    if "://" not in uri:
         store = uri if uri.endswith(".db") else "mlruns.db"
         raise ValueError(f"tracking URI {uri!r} has no scheme: sqlite:///{store} is a local store, "
                          "http://HOST:PORT a tracking server")
+    if scheme not in TRACKING_SCHEMES:
+        raise ValueError(f"tracking URI {uri!r}: unknown scheme {scheme!r}; {WHAT_TO_WRITE}")
     return uri
 
 

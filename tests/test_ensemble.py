@@ -195,11 +195,17 @@ def test_unknown_sweep_lists_the_sweeps(smoke_sweep, capsys):
     assert "no sweep 'nope'" in err and "sweeps: smoke" in err
 
 
+@pytest.mark.parametrize("uri, message", [
+    ("mlruns.db", "tracking URI 'mlruns.db' has no scheme: sqlite:///mlruns.db"),
+    ("sqlite:/x/mlruns.db", "a SQLite store is sqlite:/// and the file's path"),  # was "sqlite:///sqlite:/x/..."
+    ("sqlite://x/mlruns.db", "a SQLite store is sqlite:/// and the file's path"),  # was SQLAlchemy's traceback
+    ("sqlte:///x/mlruns.db", "unknown scheme 'sqlte'"),  # was MLflow's model-registry traceback
+])
 @pytest.mark.parametrize("command", [["ensemble", "--top", "2"], ["report"], ["status"]])
-def test_a_tracking_uri_without_scheme_is_one_line_saying_what_to_write(command, capsys):
-    assert main([*command, "--tracking-uri", "mlruns.db"]) == 2
+def test_a_malformed_tracking_uri_is_one_line_saying_what_to_write(command, uri, message, capsys):
+    assert main([*command, "--tracking-uri", uri]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "tracking URI 'mlruns.db' has no scheme: sqlite:///mlruns.db" in err, err
+    assert err.count("\n") == 1 and message in err, err
 
 
 @pytest.mark.parametrize("store, message", [
