@@ -70,6 +70,7 @@ def test_a_rerun_says_failed_trials_were_skipped_and_retry_failed_runs_them_in_t
     first = sweep(tmp_path, spec)
     output = first.communicate(timeout=400)[0]
     assert first.returncode == 1 and "1 finished, 1 failed" in output, output[-3000:]
+    assert "failed   optim.lr=1e+30" in output and "reason=loss is nan at iteration" in output, output[-3000:]
     (failed,) = [r for r in trial_runs(tmp_path, "smoke") if r.info.status == "FAILED"]
     again = sweep(tmp_path, spec)
     output = again.communicate(timeout=400)[0]

@@ -78,7 +78,7 @@ def run_trial(config: dict[str, Any]) -> None:
     for result in results:
         tune.report({"trial_status": result["status"], "run_id": result.get("run_id"),
                      **{k: v for k, v in result.items() if isinstance(v, (int, float))},
-                     "trial_key": result["trial_key"]})
+                     "trial_key": result["trial_key"], **({"reason": result["reason"]} if "reason" in result else {})})
 
 
 def cap_gpu_memory(gpus: float) -> None:
@@ -281,8 +281,9 @@ class EventsCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         key = result.get("trial_key") or trial.config["trial"]["key"]
         if "trial_status" in result:  # a trial's own end (a fused group reports one per member)
-            self.events.update(key, "finished" if result["trial_status"] == "FINISHED" else "failed",
-                               **final_metrics(result))
+            failed = result["trial_status"] != "FINISHED"  # a diverged trial: the view says why, like status does
+            self.events.update(key, "failed" if failed else "finished", **final_metrics(result),
+                               **({"reason": result.get("reason", "")} if failed else {}))
             return
         metrics = {k: result[k] for k in ("epoch", "val_error", "test_error") if k in result}
         self.events.update(key, "running", **metrics)
