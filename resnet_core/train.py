@@ -425,7 +425,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train
     """Errors are one line behind ``prog`` (``orchestrate train`` passes its own name), as every command's are."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR recipe)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override keys, e.g. optim.lr=0.05")
+    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override keys, e.g. optim.lr=0.05")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store, as tracking.uri")
     args = parser.parse_args(argv)
     if args.tracking_uri:

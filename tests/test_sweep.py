@@ -226,7 +226,8 @@ def test_set_edits_a_shipped_sweep_from_the_command_line(capsys):
     """Shrinking a shipped sweep needs no copy of its YAML (a copy's relative paths mean something else)."""
     assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run", "--tracking-uri",
                         "sqlite:////nonexistent/dir/m.db", "--set", "base.schedule.total=200",
-                        "base.schedule.milestones=[100,150]", "space.model.name=[resnet20,plain20]", "space.seed=[0]"]) == 0
+                        "base.schedule.milestones=[100,150]", "space.model.name=[resnet20,plain20]",
+                        "--set", "space.seed=[0]"]) == 0  # a second --set adds to the first (it replaced it)
     out = capsys.readouterr().out
     assert out.count("\ntrial ") == 2 and "model.name=plain20 seed=0" in out
     assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run",

@@ -6,7 +6,7 @@ import argparse
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR-10 recipe)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. optim.lr=0.05 model.depth=56")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store, as tracking.uri (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
