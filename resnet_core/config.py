@@ -80,7 +80,17 @@ class OptimConfig(Section):
 
 class DistConfig(Section):
     engine: Literal["ddp", "deepspeed"] = Field("ddp", description="ddp under torchrun, or deepspeed.initialize")
-    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage")
+    zero_stage: int = Field(0, ge=0, le=3, description="DeepSpeed ZeRO stage (0: the only one that checkpoints)")
+
+    @field_validator("zero_stage")
+    @classmethod
+    def _checkpointable(cls, stage: int) -> int:
+        """ZeRO 1-3 partition the optimizer state across ranks, which a trial's single-file checkpoint does not
+        gather: such a trial trained, then failed at its first checkpoint. The paper's models fit one GPU."""
+        if stage:
+            raise ValueError(f"ZeRO stage {stage} partitions the optimizer state, which the trial's checkpoints "
+                             "(resume, preemption) do not save; only stage 0 runs")
+        return stage
 
 
 class CheckpointConfig(Section):

@@ -220,8 +220,6 @@ class DeepSpeedStep(EagerStep):
         return self.engine.module
 
     def state_dict(self) -> dict[str, Any]:
-        if self.cfg.dist.zero_stage:
-            raise ConfigError("checkpoint: ZeRO stage > 0 partitions the optimizer state; checkpoints need stage 0 for now")
         return {"model": self.engine.module.state_dict(), "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

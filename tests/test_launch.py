@@ -30,7 +30,7 @@ def rendered_commands() -> str:
         "deepspeed two nodes": deepspeed_command(WEIRD, OVERRIDES, gpus_per_node=8, nnodes=2, node_rank=1,
                                                  rendezvous=rdzv),
         "deepspeed json": [json.dumps(deepspeed_config(
-            build_config({"dist": {"engine": "deepspeed", "zero_stage": 2}, "precision": "bf16",
+            build_config({"dist": {"engine": "deepspeed", "zero_stage": 0}, "precision": "bf16",
                           "optim": {"grad_clip": 5.0}}), 4, "bf16"), sort_keys=True)],
     }
     return "".join(f"# {name}\n{shlex.join(cmd) if name != 'deepspeed json' else cmd[0]}\n" for name, cmd in cases.items())
@@ -58,8 +58,8 @@ def test_multi_node_launches_need_a_rendezvous():
 
 
 def test_deepspeed_config_follows_the_trial_config():
-    cfg = build_config({"batch_size": 256, "dist": {"engine": "deepspeed", "zero_stage": 1}})
+    cfg = build_config({"batch_size": 256, "dist": {"engine": "deepspeed"}})
     ds = deepspeed_config(cfg, 4, "fp32")
     assert ds["train_batch_size"] == 256 and ds["train_micro_batch_size_per_gpu"] == 64
-    assert ds["zero_optimization"] == {"stage": 1} and ds["gradient_clipping"] == 0.0
+    assert ds["zero_optimization"] == {"stage": 0} and ds["gradient_clipping"] == 0.0
     assert not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]

@@ -224,6 +224,7 @@ def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     ("tracking.uri=sqlite:////tmp", "tracking URI sqlite:////tmp: /tmp is a folder"),
     ("schedule.milestones=[100,50]", "schedule.milestones: [100, 50] must be positive and increasing"),
     ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
+    ("dist.zero_stage=2", "dist.zero_stage: ZeRO stage 2 partitions the optimizer state"),  # failed on the node
 ])
 def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, override, key):
     cfg_path = write_config(tmp_path, tiny_config(tmp_path))
