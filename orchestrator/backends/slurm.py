@@ -211,6 +211,7 @@ class SlurmBackend:
     # -- running ----------------------------------------------------------------------------------------------
     def run(self, trials: list[Trial], events: Events) -> None:
         check_slurm_answers()
+        self.refuse_if_still_queued(trials)
         self.folder.mkdir(parents=True, exist_ok=True)
         for trial in trials:
             fresh_report_file(self.report_file(trial.key))
@@ -252,6 +253,25 @@ class SlurmBackend:
                 shown[key] = view
             if watch:
                 time.sleep(self.poll_s)
+
+    def refuse_if_still_queued(self, trials: list[Trial]) -> None:
+        """An earlier `orchestrate sweep` killed outright leaves its jobs running or queued: submitting again would
+        start a second copy of their trials. Its jobs are those of the trials' runs (tag backend_job_id) and,
+        for trials that have not started yet, the queued jobs of this sweep submitted from this output folder."""
+        queued = queued_jobs()
+        if not queued:
+            return
+        runs = Ledger(self.ctx.tracking_uri, self.spec.name, create=False).trial_runs()
+        tagged = {runs[t.key].data.tags.get("backend_job_id") for t in trials if t.key in runs}
+        where = str(self.ctx.output.absolute() / "slurm") + os.sep  # as submitit names its scripts
+        name = safe_name(self.spec.name) + "-"
+        ours = {job for job, (job_name, command) in queued.items()
+                if job_name.startswith(name) and command.startswith(where)}
+        found = sorted(ours | (tagged & queued.keys()), key=job_order)
+        if found:
+            from ..cli import UserError
+            raise UserError(f"sweep {self.spec.name!r}: SLURM jobs {', '.join(found)} of an earlier orchestrate sweep "
+                            "still run or wait in the queue; wait for them or scancel them, then run again")
 
     # -- early stopping: Ray Tune decides, SLURM runs ---------------------------------------------------------
     def run_asha(self, trials: list[Trial], events: Events) -> None:
@@ -330,6 +350,11 @@ def tasks_of(job) -> list:
     return [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
 
 
+# squeue states of a job that still runs or will run
+LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD",
+               "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT")
+
+
 def job_over(job) -> bool:
     """Every task left its result, or SLURM says the job ended and it is not coming back (a requeued job reads
     REQUEUED/PENDING, or for a moment a terminal state in sacct while squeue still holds it)."""
@@ -339,8 +364,20 @@ def job_over(job) -> bool:
         return False
     queued = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True, text=True,
                             timeout=60).stdout.split()
-    return not any(s in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUE_HOLD",
-                         "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT") for s in queued)
+    return not any(s in LIVE_STATES for s in queued)
+
+
+def queued_jobs() -> dict[str, tuple[str, str]]:
+    """Every job SLURM still runs or will run, one line per array task: id -> (job name, batch script path)."""
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%j|%o"], capture_output=True, text=True,
+                         timeout=60).stdout
+    rows = [line.split("|", 3) for line in out.splitlines() if line.count("|") >= 3]
+    return {job: (name, command) for job, state, name, command in rows if state in LIVE_STATES}
+
+
+def job_order(job_id: str) -> tuple[int, ...]:
+    """414_2 before 414_10."""
+    return tuple(int(x) if x.isdigit() else -1 for x in job_id.split("_"))
 
 
 # Ends that are not the trial's fault (scancel, preemption, a time limit past its requeues, a lost node): a re-run

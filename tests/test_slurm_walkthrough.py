@@ -1,0 +1,53 @@
+"""What a user walkthrough of `orchestrate sweep --backend slurm` found, on the real local two-node SLURM cluster
+(tests/slurm_cluster.py): a re-run while the jobs still run, sbatch refusing the jobs, a job stopped by a signal,
+a failed job's reason, the job log, and time limits that cannot work.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from orchestrator.backends.slurm import SlurmBackend
+from orchestrator.spec import SpecError, load_spec
+from orchestrator.sweep import prepare
+from test_sweep_slurm import (LOCAL, SMOKE, first_job_id, one_long_trial, orchestrate, runs, spec_file,
+                              start_until_epoch_2)
+
+
+def profile_file(tmp_path: Path, **slurm) -> str:
+    """cluster/local-slurm.yaml with changed `slurm:` keys."""
+    tree = yaml.safe_load(LOCAL.read_text())
+    tree["slurm"].update(slurm)
+    path = tmp_path / "profile.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return str(path)
+
+
+def error_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if "error:" in line]
+
+
+def test_a_rerun_while_the_earlier_jobs_still_run_or_wait_is_refused(slurm_cluster, tmp_path):
+    """The first orchestrator killed with -9: its array task 0 runs on, task 1 waits (max_concurrent 1). A re-run
+    used to submit a second copy of both trials."""
+    base = {**yaml.safe_load(SMOKE.read_text())["base"], "schedule": {"total": 600, "milestones": [500]},
+            "tracking": {"log_every": 3}}
+    spec = spec_file(tmp_path, space={"optim.lr": [0.1, 0.05]}, max_concurrent=1, base=base)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc, _, _ = start_until_epoch_2(slurm_cluster, tmp_path, spec, uri)
+    job_id = first_job_id(tmp_path / "out")
+    try:
+        proc.kill()
+        proc.wait()
+        rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
+        assert rc == 2, out
+        line, = error_lines(out)
+        assert f"SLURM jobs {job_id}_0, {job_id}_1" in line and "scancel" in line, out
+        assert len(list((tmp_path / "out" / "slurm").iterdir())) == 1  # nothing submitted
+        assert slurm_cluster.state(f"{job_id}_0") == "RUNNING"
+        assert len(runs(uri, "smoke")) == 1
+    finally:
+        slurm_cluster.run("scancel", job_id, check=False)
