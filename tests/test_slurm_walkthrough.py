@@ -51,3 +51,12 @@ def test_a_rerun_while_the_earlier_jobs_still_run_or_wait_is_refused(slurm_clust
         assert len(runs(uri, "smoke")) == 1
     finally:
         slurm_cluster.run("scancel", job_id, check=False)
+
+
+def test_sbatch_refusing_the_jobs_is_one_line(slurm_cluster, tmp_path):
+    spec = spec_file(tmp_path, cluster=profile_file(tmp_path, partition="nonexistent"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
+    assert rc == 2 and "Traceback" not in out, out
+    line, = error_lines(out)
+    assert "sbatch refused the jobs: Invalid partition name specified" in line and "profile.yaml" in line, out

@@ -15,6 +15,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -219,10 +221,8 @@ class SlurmBackend:
             return self.run_asha(trials, events)
         units = fuse(self.ctx, trials)  # a fused group is one job; its members report to their own files
         payloads = [self.payload(u) for u in units]
-        if len(units) > 1:
-            jobs = self.executor(self.parameters(None, len(units))).submit_array(payloads)
-        else:
-            jobs = [self.executor(self.parameters(units[0])).submit(payloads[0])]
+        executor = self.executor(self.parameters(None, len(units)) if len(units) > 1 else self.parameters(units[0]))
+        jobs = self.submit(executor, payloads)
         watch = {t.key: (job, ReportTail(self.report_file(t.key))) for u, job in zip(units, jobs)
                  for t in (u.members if isinstance(u, FusedGroup) else (u,))}
         try:
@@ -253,6 +253,20 @@ class SlurmBackend:
                 shown[key] = view
             if watch:
                 time.sleep(self.poll_s)
+
+    def submit(self, executor, payloads: list[SlurmTrial]) -> list:
+        """sbatch refusing the jobs (a partition, GRES or memory the cluster lacks) is the user's to fix: one line
+        naming where the values come from, not submitit's traceback. Nothing was submitted."""
+        from submitit.core.utils import FailedJobError
+        try:
+            with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's stderr before it raises
+                return executor.submit_array(payloads) if len(payloads) > 1 else [executor.submit(payloads[0])]
+        except FailedJobError as err:
+            from ..cli import UserError
+            said = ([line for line in str(err).splitlines() if line.strip()] or ["no reason given"])[-1]
+            said = said.split("error:", 1)[-1].replace("Batch job submission failed:", "").strip()
+            raise UserError(f"sbatch refused the jobs: {said} (check slurm.* in the cluster profile "
+                            f"{self.spec.cluster}, resources.* in {self.ctx.spec_path})") from None
 
     def refuse_if_still_queued(self, trials: list[Trial]) -> None:
         """An earlier `orchestrate sweep` killed outright leaves its jobs running or queued: submitting again would
