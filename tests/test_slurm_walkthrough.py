@@ -60,3 +60,20 @@ def test_sbatch_refusing_the_jobs_is_one_line(slurm_cluster, tmp_path):
     assert rc == 2 and "Traceback" not in out, out
     line, = error_lines(out)
     assert "sbatch refused the jobs: Invalid partition name specified" in line and "profile.yaml" in line, out
+
+
+@pytest.mark.parametrize("signal", ["TERM", "USR1"])
+def test_a_job_stopped_by_a_signal_is_an_interrupted_trial(slurm_cluster, tmp_path, signal):
+    """`scancel --signal=TERM|USR1`: the worker checkpoints and exits 3 (the job is FAILED in sacct)."""
+    spec, uri = one_long_trial(tmp_path, 600)
+    proc, _, first = start_until_epoch_2(slurm_cluster, tmp_path, spec, uri)
+    try:
+        slurm_cluster.run("scancel", f"--signal={signal}", first_job_id(tmp_path / "out"))
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "1 interrupted" in out, out
+    assert "Error stream" not in out and "run the same command again to resume them" in out, out
+    run, = runs(uri, "smoke")
+    assert run.info.run_id == first["run_id"] and run.info.status == "KILLED"

@@ -34,7 +34,7 @@ from ..ledger import Ledger
 from ..spec import SpecError
 from ..trials import REPORTED_METRICS, FusedGroup, SweepContext, Trial, fuse
 from .base import Events
-from .slurm_job import SlurmTrial
+from .slurm_job import EXIT_INTERRUPTED, SlurmTrial
 
 # The cluster profile's `slurm:` keys (unknown keys are an error naming the valid ones).
 PROFILE_KEYS = {
@@ -407,19 +407,42 @@ def outcome(job, latest: dict[str, Any], key: str | None = None) -> tuple[str, d
         if isinstance(result, list):
             result = next(r for r in result if r.get("trial_key") == key)
     except Exception as err:  # submitit's FailedJobError (with the trace) / UncompletedJobError (with the state)
-        slurm_state = job.state.split()[0] if job.state else ""
-        if slurm_state in INTERRUPTED_STATES:  # the worker checkpointed on SIGTERM, or kept its periodic one
-            return "interrupted", {"reason": f"job {job.job_id} {slurm_state}: its checkpoint is kept; run the same "
+        slurm_state, code = final_state(job)
+        # the worker checkpointed on SIGTERM (SLURM's own ends) or on a user's scancel --signal (it exits 3)
+        if slurm_state in INTERRUPTED_STATES or code == EXIT_INTERRUPTED:
+            how = slurm_state if slurm_state in INTERRUPTED_STATES else f"stopped by a signal (exit {code})"
+            return "interrupted", {"reason": f"job {job.job_id} {how}: its checkpoint is kept; run the same "
                                              "sweep again to resume it", **pick(latest, RESULT_KEYS)}
-        lines = [line for line in str(err).splitlines() if line.strip()]
-        reason = next((line for line in reversed(lines) if "Error" in line), lines[0] if lines else repr(err))
-        return "failed", {"reason": f"job {job.job_id} ({job.state}): {reason.strip()[:300]}",
+        return "failed", {"reason": f"job {job.job_id} ({job.state}): {error_line(str(err), repr(err))[:300]}",
                           **pick(latest, RESULT_KEYS)}
     state = "finished" if result.get("status") == "FINISHED" else "failed"
     info = pick(result, RESULT_KEYS)
     if state == "failed":
         info["reason"] = result.get("reason", "")
     return state, info
+
+
+def final_state(job, timeout: float = 60.0) -> tuple[str, int | None]:
+    """The job's state and exit code in sacct once it has ended: submitit's cache can be older (a task leaves
+    its result before the job ends), and only sacct has the exit code."""
+    end = time.monotonic() + timeout
+    while True:
+        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job.job_id, "-o", "State,ExitCode"],
+                             capture_output=True, text=True, timeout=60).stdout.splitlines()
+        state, _, code = (out[-1] if out else "").partition("|")
+        state = (state.split() or [""])[0]  # "CANCELLED by 0"
+        if (state and state not in LIVE_STATES) or time.monotonic() > end:
+            code = code.split(":")[0]
+            return state or (job.state or "UNKNOWN").split()[0], int(code) if code.isdigit() else None
+        time.sleep(1.0)
+
+
+def error_line(text: str, default: str) -> str:
+    """The worker's last error line in submitit's message, never submitit's own header or footer lines."""
+    body = text.split("Error stream produced:", 1)[-1].split("You can check full logs", 1)[0]
+    lines = [line.strip() for line in body.splitlines() if line.strip().strip("-")]
+    return next((line for line in reversed(lines) if "Error" in line or "error:" in line),
+                lines[-1] if lines else default)
 
 
 def check_slurm_answers() -> None:
