@@ -77,3 +77,15 @@ def test_a_job_stopped_by_a_signal_is_an_interrupted_trial(slurm_cluster, tmp_pa
     assert "Error stream" not in out and "run the same command again to resume them" in out, out
     run, = runs(uri, "smoke")
     assert run.info.run_id == first["run_id"] and run.info.status == "KILLED"
+
+
+def test_a_failed_jobs_reason_has_its_final_state_and_the_workers_error(slurm_cluster, tmp_path):
+    """The worker fails at once (RANK=abc); the batch script then lingers (an EXIT trap), so the job still reads
+    RUNNING when its error result is there."""
+    profile = profile_file(tmp_path, setup=["export RANK=abc WORLD_SIZE=1", "trap 'sleep 4' EXIT"])
+    spec = spec_file(tmp_path, space={"optim.lr": [0.1]}, cluster=profile)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
+    assert rc == 1, out
+    assert re.search(r"job \d+ \(FAILED\): ValueError: invalid literal for int\(\) with base 10: 'abc'", out), out
+    assert "RUNNING" not in out

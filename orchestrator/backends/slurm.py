@@ -413,7 +413,7 @@ def outcome(job, latest: dict[str, Any], key: str | None = None) -> tuple[str, d
             how = slurm_state if slurm_state in INTERRUPTED_STATES else f"stopped by a signal (exit {code})"
             return "interrupted", {"reason": f"job {job.job_id} {how}: its checkpoint is kept; run the same "
                                              "sweep again to resume it", **pick(latest, RESULT_KEYS)}
-        return "failed", {"reason": f"job {job.job_id} ({job.state}): {error_line(str(err), repr(err))[:300]}",
+        return "failed", {"reason": f"job {job.job_id} ({slurm_state}): {error_line(str(err), repr(err))[:300]}",
                           **pick(latest, RESULT_KEYS)}
     state = "finished" if result.get("status") == "FINISHED" else "failed"
     info = pick(result, RESULT_KEYS)
