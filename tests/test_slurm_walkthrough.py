@@ -89,3 +89,12 @@ def test_a_failed_jobs_reason_has_its_final_state_and_the_workers_error(slurm_cl
     assert rc == 1, out
     assert re.search(r"job \d+ \(FAILED\): ValueError: invalid literal for int\(\) with base 10: 'abc'", out), out
     assert "RUNNING" not in out
+
+
+def test_the_job_log_shows_training_progress(slurm_cluster, tmp_path):
+    spec = spec_file(tmp_path, space={"optim.lr": [0.1]})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
+    assert rc == 0, out
+    log = "".join(p.read_text() for p in (tmp_path / "out" / "slurm").glob("*/*_log.*"))
+    assert "epoch 1  iteration 6/30" in log and "epoch 4  iteration 24/30" in log, log

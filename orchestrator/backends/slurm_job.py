@@ -92,8 +92,9 @@ class SlurmTrial:
         return cfg
 
     def train_one(self) -> dict[str, Any]:
-        from resnet_core.train import report_to_file, train
-        report = report_to_file(self.report_file) if self.report_file else None
+        from resnet_core.train import report_to, report_to_console, report_to_file, train
+        # the file feeds the sweep; the console line per evaluation shows progress in the job's log (tail -f)
+        report = report_to(report_to_file(self.report_file) if self.report_file else None, report_to_console())
         result = train(self.tagged(self.config), report)
         if report and int(os.environ.get("RANK", "0")) == 0:
             report(result)
@@ -102,8 +103,8 @@ class SlurmTrial:
     def train_group(self) -> list[dict[str, Any]]:
         """The members as one fused model; each member's reports go to its own report file."""
         from resnet_core.fused import train_fused
-        from resnet_core.train import report_to_file
-        files = {m["key"]: report_to_file(m["report_file"]) for m in self.members}
+        from resnet_core.train import report_to, report_to_console, report_to_file
+        files = {m["key"]: report_to(report_to_file(m["report_file"]), report_to_console()) for m in self.members}
         results = train_fused([self.tagged(m["config"]) for m in self.members],
                               lambda metrics: files[metrics["trial_key"]](metrics))
         for result in results:
