@@ -63,6 +63,15 @@ class Resources(Strict):
     gpu_memory_gb: float | None = Field(None, gt=0, description="memory of one GPU, for the packing check "
                                         "(default: this machine's GPU, else 80)")
 
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _not_a_number(cls, value: Any) -> Any:
+        # YAML 1.1 reads 12:00:00 unquoted as 43200 (sexagesimal): an int cannot be told from minutes, refuse it
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            raise ValueError('give it quoted, e.g. "12:00:00" or "01:30:00" (YAML reads 12:00:00 '
+                             f"unquoted as a number, here {value})")
+        return value
+
     @field_validator("time_limit")
     @classmethod
     def _hh_mm_ss(cls, value: str) -> str:

@@ -98,3 +98,27 @@ def test_the_job_log_shows_training_progress(slurm_cluster, tmp_path):
     assert rc == 0, out
     log = "".join(p.read_text() for p in (tmp_path / "out" / "slurm").glob("*/*_log.*"))
     assert "epoch 1  iteration 6/30" in log and "epoch 4  iteration 24/30" in log, log
+
+
+@pytest.mark.parametrize("yaml_value, sets", [("12:00:00", ()), ('"01:00:00"', ("resources.time_limit=90",))])
+def test_a_time_limit_yaml_reads_as_a_number_is_refused_in_one_line(tmp_path, yaml_value, sets):
+    tree = yaml.safe_load(SMOKE.read_text())
+    tree.pop("resources")
+    text = yaml.safe_dump(tree) + f"resources: {{cpus: 1, time_limit: {yaml_value}}}\n"
+    path = tmp_path / "spec.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match=r'resources.time_limit: give it quoted, e.g. "12:00:00"') as err:
+        load_spec(path, sets=list(sets))
+    assert "\n" not in str(err.value)
+
+
+def test_a_time_limit_within_the_signal_delay_is_refused(tmp_path):
+    """signal_delay_s 60 (the local profile): submitit's USR2 would come before training starts."""
+    def backend(time_limit: str) -> SlurmBackend:
+        spec = spec_file(tmp_path, resources={"cpus": 1, "time_limit": time_limit})
+        ctx, _ = prepare(str(spec), backend="slurm", output=str(tmp_path / "out"), tracking_uri="sqlite:////no/m.db")
+        return SlurmBackend(ctx)
+    with pytest.raises(SpecError, match=r"resources.time_limit: 00:02:00 .* slurm.signal_delay_s") as err:
+        backend("00:02:00")
+    assert "\n" not in str(err.value)
+    backend("00:03:00")

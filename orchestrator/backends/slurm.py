@@ -98,11 +98,15 @@ def sbatch_parameters(ctx: SweepContext, job_name: str) -> dict[str, Any]:
     if ctx.spec.launcher in ("torchrun", "deepspeed"):  # no silent fallback to SLURM's own launch
         raise SpecError(f"{ctx.spec_path}: launcher: {ctx.spec.launcher} is not used on the slurm backend: srun starts "
                         "one task per rank that calls train() (DeepSpeed too); use launcher: auto")
-    workers = r.workers_per_node
+    workers, delay = r.workers_per_node, int(profile.get("signal_delay_s", 90))
+    if time_minutes(r.time_limit) * 60 <= delay + 60:  # SLURM counts whole minutes
+        # submitit's USR2 (checkpoint + requeue) would come before training has started: requeued at once, again
+        raise SpecError(f"{ctx.spec_path}: resources.time_limit: {r.time_limit} is not longer than the cluster "
+                        f"profile's slurm.signal_delay_s ({delay} s) + 60 s; give the trial more time")
     params: dict[str, Any] = {
         "job_name": job_name, "time": time_minutes(r.time_limit), "nodes": r.nodes,
         "ntasks_per_node": workers, "cpus_per_task": max(1, math.ceil(r.cpus / workers)),
-        "signal_delay_s": int(profile.get("signal_delay_s", 90)),
+        "signal_delay_s": delay,
         "additional_parameters": {"requeue": True, **profile.get("sbatch", {})},
     }
     for key in ("partition", "account", "qos", "constraint", "exclude"):
