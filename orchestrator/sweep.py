@@ -104,20 +104,34 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
     return "\n".join(lines)
 
 
-def plan_and_record(ctx: SweepContext, trials: list[Trial], retry_failed: bool):
+def plan_and_record(ctx: SweepContext, trials: list[Trial], retry_failed: bool, command: str | None):
     ledger = Ledger(ctx.tracking_uri, ctx.spec.name)
-    ledger.record_plan(trials, ctx.spec_path)  # `orchestrate status` lists what has not started
+    ledger.record_plan(trials, command or ctx.spec_path)  # `orchestrate status` lists what has not started
     return ledger.plan(trials, retry_failed)
 
 
-def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False, live: bool | None = None) -> dict:
+def mark_interrupted(ctx: SweepContext, progress: SweepProgress) -> None:
+    """Runs of trials the stopped sweep was running end KILLED with the reason (a re-run resumes them): left
+    RUNNING, the MLflow UI and `status` showed dead trials as running."""
+    running = {key for key, view in progress.trials.items() if view.state == "running"}
+    ledger = Ledger(ctx.tracking_uri, ctx.spec.name, create=False)
+    for key, run in ledger.trial_runs().items():
+        if key in running and run.info.status == "RUNNING":
+            ledger.client.set_tag(run.info.run_id, "status_reason", "interrupted: the sweep was stopped; the same "
+                                  "orchestrate sweep command resumes it from its checkpoint")
+            ledger.client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False, live: bool | None = None,
+              command: str | None = None) -> dict:
+    """``command``: the `orchestrate sweep` arguments of this call, recorded for `status` (default: the spec)."""
     backend = get_backend(ctx.spec.backend)(ctx)  # refuses what it cannot run before anything is logged
     check_store_usable(ctx.tracking_uri)  # before the engine starts, not seconds into it
     fresh_store = not store_exists(ctx.tracking_uri)
     with ThreadPoolExecutor(1) as pool:
         # Creating an sqlite store runs MLflow's migrations (~8 s); a new store means every trial will run, so
         # the engine starts meanwhile (Ray: ~9 s) instead of after.
-        planned = pool.submit(plan_and_record, ctx, trials, retry_failed)
+        planned = pool.submit(plan_and_record, ctx, trials, retry_failed, command)
         if fresh_store and hasattr(backend, "start"):
             backend.start()
         plan = planned.result()
@@ -131,9 +145,16 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
                      "skipped; --retry-failed runs them again (`orchestrate status` says why they failed)")
     with progress:
         if plan.to_run:
-            backend.run(plan.to_run, progress)
-            if progress.unfinished():  # Tune returns (it does not raise) when Ctrl-C stopped it
-                raise KeyboardInterrupt
+            try:
+                backend.run(plan.to_run, progress)
+                if progress.unfinished():  # Tune returns (it does not raise) when Ctrl-C stopped it
+                    raise KeyboardInterrupt
+            except KeyboardInterrupt:
+                try:
+                    mark_interrupted(ctx, progress)
+                except Exception as err:  # the store gone too: the runs stay RUNNING, a re-run still resumes them
+                    progress.log(f"could not mark the interrupted trials' runs: {str(err).splitlines()[0][:200]}")
+                raise
             failed = {key: view.info.get("reason", "") for key, view in progress.trials.items() if view.state == "failed"}
             if failed:
                 Ledger(ctx.tracking_uri, ctx.spec.name).record_failures(plan.to_run, failed)

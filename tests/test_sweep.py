@@ -104,11 +104,11 @@ def test_a_worker_continuing_a_run_opened_for_it_logs_its_params(tmp_path):
     assert tracker.client.get_run(run_id).data.params == {"optim.lr": "0.1"}
 
 
-def sweep_until_a_trial_finishes(tmp_path: Path) -> tuple[Path, subprocess.Popen]:
+def sweep_until_a_trial_finishes(tmp_path: Path, *args: str) -> tuple[Path, subprocess.Popen]:
     """The smoke sweep at 60 iterations a trial, in a session of its own, once its first trial has finished."""
     spec = smoke_spec(tmp_path, base={**yaml.safe_load(smoke_spec(tmp_path).read_text())["base"],
                                       "schedule": {"total": 60, "milestones": [40]}})
-    proc = sweep(tmp_path, spec, start_new_session=True)
+    proc = sweep(tmp_path, spec, *args, start_new_session=True)
     deadline = time.monotonic() + 300
     while not any(r.info.status == "FINISHED" for r in trial_runs(tmp_path, "smoke")):
         assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended before it could be stopped"
@@ -139,13 +139,26 @@ def test_killed_orchestrator_then_rerun_finishes_only_the_missing_trials(tmp_pat
         assert steps == sorted(set(steps)) and steps[-1] == 60
 
 
-def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path):
-    spec, proc = sweep_until_a_trial_finishes(tmp_path)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to the foreground process group
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path, stop, capsys):
+    """Ctrl-C (SIGINT to the terminal's process group) and `kill` (SIGTERM to the orchestrator alone) stop a
+    sweep the same way: one line, the unfinished trials' runs KILLED with the reason, status names the command."""
+    spec, proc = sweep_until_a_trial_finishes(tmp_path, "--set", "max_concurrent=2")
+    if stop == "ctrl-c":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.terminate()  # was: the orchestrator died silently, its trials' runs RUNNING for ever
     output, _ = proc.communicate(timeout=180)
     assert proc.returncode == 130, output[-3000:]
     assert "interrupted; finished trials are kept, run the same command again" in output, output[-3000:]
     assert "Tuner.restore" not in output and "Traceback" not in output, output[-3000:]
+    states = Counter(r.info.status for r in trial_runs(tmp_path, "smoke"))
+    assert states["KILLED"] >= 1 and "RUNNING" not in states, states
+    assert orchestrate(["status", "smoke", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert "interrupted: the sweep was stopped" in said or "interrupted by a signal" in said, said
+    if "have no run yet" in said:
+        assert f"`orchestrate sweep {spec} --set max_concurrent=2`" in said, said
     output = finish(sweep(tmp_path, spec))
     assert "interrupted trial(s) resume from their checkpoints" in output
     runs = trial_runs(tmp_path, "smoke")

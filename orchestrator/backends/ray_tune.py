@@ -226,6 +226,16 @@ class RayTuneBackend:
             ray.init(address=self.address, log_to_driver=False)  # auth: see sweep.use_ray_auth_token_if_any
         except ConnectionError as err:
             raise UserError(f"ray address {self.address}: no Ray cluster answers there ({err})") from None
+        sigterm_as_ctrl_c()
+
+
+def sigterm_as_ctrl_c() -> None:
+    """`kill`, `timeout`, a batch system ending the orchestrator's own job: the same orderly stop as Ctrl-C (SLURM
+    jobs cancelled, trials marked interrupted), through whatever SIGINT handler runs then (Tune has its own).
+    Called again once Ray has started: ray.init puts in a handler of its own that aborts the driver."""
+    import threading
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
 
 def check_answers(address: str) -> None:
@@ -250,6 +260,7 @@ def start_local_ray() -> None:
         lambda record: "Token authentication is enabled" not in record.getMessage())
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
+    sigterm_as_ctrl_c()
 
 
 def check_fits_this_machine(resources, available: dict[str, float]) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 
 def add_parser(p: argparse.ArgumentParser) -> None:
@@ -19,15 +20,25 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from orchestrator.backends.ray_tune import sigterm_as_ctrl_c
     from orchestrator.sweep import dry_run, prepare, run_sweep
+    sigterm_as_ctrl_c()
     ctx, trials = prepare(args.spec, address=args.address, check_data=not args.dry_run, sets=args.sets,
                           backend=args.backend,
                           tracking_uri=args.tracking_uri, output=args.output, max_concurrent=args.max_concurrent)
     if args.dry_run:
         print(dry_run(ctx, trials))
         return 0
-    counts = run_sweep(ctx, trials, retry_failed=args.retry_failed)
+    counts = run_sweep(ctx, trials, retry_failed=args.retry_failed, command=command_line(args))
     if counts["interrupted"]:
         print(f"orchestrate sweep: {counts['interrupted']} trial(s) interrupted (cancelled or preempted); run the "
               "same command again to resume them from their checkpoints")
     return 1 if counts["failed"] or counts["interrupted"] or counts["failed_before"] else 0  # not all done
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """This call's arguments that decide what runs, for `orchestrate status` to say which command resumes it."""
+    flags = {"--backend": args.backend, "--address": args.address, "--tracking-uri": args.tracking_uri,
+             "--output": args.output, "--max-concurrent": args.max_concurrent}
+    words = [args.spec, *(w for flag, value in flags.items() if value is not None for w in (flag, str(value)))]
+    return shlex.join(words + (["--set", *args.sets] if args.sets else []))
