@@ -1,6 +1,9 @@
 """What every backend offers: describe a trial's launch (dry run) and run trials, reporting through Events."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from typing import Protocol
 
 from ..trials import SweepContext, Trial
@@ -23,3 +26,11 @@ class Backend(Protocol):
 
     def run(self, trials: list[Trial], events: Events) -> None:
         """Run the trials to completion (or early stop), reporting each state change."""
+
+
+def sigterm_as_ctrl_c() -> None:
+    """`kill`, `timeout`, a batch system ending the orchestrator's own job: the same orderly stop as Ctrl-C (SLURM
+    jobs cancelled, trials marked interrupted), through whatever SIGINT handler runs then (Tune has its own).
+    Called again once Ray has started: ray.init puts in a handler of its own that aborts the driver."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))

@@ -28,7 +28,7 @@ from ..cli import UserError
 from ..mps import mps_daemon
 from ..ledger import Ledger
 from ..trials import FusedGroup, SweepContext, Trial, fuse
-from .base import Events
+from .base import Events, sigterm_as_ctrl_c
 
 from resnet_core.train import REPORT_FILE_ENV  # noqa: E402  (the worker defines the channel)
 
@@ -228,14 +228,6 @@ class RayTuneBackend:
             raise UserError(f"ray address {self.address}: no Ray cluster answers there ({err})") from None
         sigterm_as_ctrl_c()
 
-
-def sigterm_as_ctrl_c() -> None:
-    """`kill`, `timeout`, a batch system ending the orchestrator's own job: the same orderly stop as Ctrl-C (SLURM
-    jobs cancelled, trials marked interrupted), through whatever SIGINT handler runs then (Tune has its own).
-    Called again once Ray has started: ray.init puts in a handler of its own that aborts the driver."""
-    import threading
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
 
 
 def check_answers(address: str) -> None:

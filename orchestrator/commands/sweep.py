@@ -20,7 +20,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from orchestrator.backends.ray_tune import sigterm_as_ctrl_c
+    from orchestrator.backends.base import sigterm_as_ctrl_c
     from orchestrator.sweep import dry_run, prepare, run_sweep
     sigterm_as_ctrl_c()
     ctx, trials = prepare(args.spec, address=args.address, check_data=not args.dry_run, sets=args.sets,
