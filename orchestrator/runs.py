@@ -110,6 +110,12 @@ def top_runs(client, experiment, metric: str, k: int) -> list:
                     key=lambda r: (r.data.metrics[metric], r.info.run_id))
     if k < 1:
         raise UserError(f"--top {k}: must be at least 1")
+    logged = sorted(set().union(*(r.data.metrics for r in finished)))
+    no_val_split = metric.startswith("val_") and not any(m.startswith("val_") for m in logged)
+    if finished and not ranked and not no_val_split:
+        # a typo ("val_eror"): the val-split hint below would send the user the wrong way
+        raise UserError(f"--metric {metric}: no finished trial of sweep {experiment.name!r} logged it; "
+                        f"they logged {', '.join(m for m in logged if m.endswith(('_error', '_loss')))}")
     if k > len(ranked):
         without = len(finished) - len(ranked)
         note = f" ({without} more finished without a {metric} metric)" if without else ""

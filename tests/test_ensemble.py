@@ -183,6 +183,14 @@ def test_a_sweep_without_a_val_split_is_told_how_to_rank_its_trials(tmp_path, ca
         in err and "--metric test_error" in err, err
 
 
+def test_a_metric_no_trial_logged_is_named_with_the_ones_they_did(smoke_sweep, capsys):
+    """A typo was told its trials 'hold out no val split' (they do)."""
+    assert main(["ensemble", "--top", "2", "--metric", "val_eror", "--tracking-uri", smoke_sweep.uri, "--no-log"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--metric val_eror: no finished trial of sweep 'smoke' logged it; they logged" \
+        in err and "val_error" in err and "val split" not in err, err
+
+
 def test_ranking_on_the_test_set_says_the_ensemble_is_optimistic(smoke_sweep, tmp_path, capsys):
     assert main(["ensemble", "--top", "2", "--metric", "test_error", "--tracking-uri", smoke_sweep.uri, "--no-log",
                  "--cache", str(tmp_path / "cache")]) == 0
