@@ -136,7 +136,9 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
             backend.start()
         plan = planned.result()
     skipped = {k: r for k, r in plan.reason.items() if k not in {t.key for t in plan.to_run}}
-    metric = ctx.spec.scheduler.asha.metric if ctx.spec.scheduler.asha else "test_error"
+    # "best so far" is chosen on held-out data when the trials have some (the test set is for the final word)
+    held_out = trials and all(t.config.data.val_split for t in trials)
+    metric = ctx.spec.scheduler.asha.metric if ctx.spec.scheduler.asha else "val_error" if held_out else "test_error"
     progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
     if plan.count(RESUME):
         progress.log(f"sweep {ctx.spec.name!r}: {plan.count(RESUME)} interrupted trial(s) resume from their checkpoints")

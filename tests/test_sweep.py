@@ -60,6 +60,7 @@ def test_smoke_sweep_finishes_and_a_rerun_starts_nothing(tmp_path):
     assert all("test_error" in r.data.metrics and r.data.tags["sweep"] == "smoke" for r in runs)
     assert len({r.data.tags["trial_key"] for r in runs}) == 4
     assert "Token authentication" not in output  # Ray's warning about the sweep's own local Ray: noise
+    assert "best val_error" in output, output[-2000:]  # the trials hold out a val split: not chosen on the test set
     again = finish(sweep(tmp_path, spec))
     assert "4 skipped" in again and "running" not in again
     assert len(trial_runs(tmp_path, "smoke")) == 4
