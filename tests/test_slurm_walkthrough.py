@@ -122,3 +122,15 @@ def test_a_time_limit_within_the_signal_delay_is_refused(tmp_path):
         backend("00:02:00")
     assert "\n" not in str(err.value)
     backend("00:03:00")
+
+
+def test_jobs_that_die_without_a_result_are_reported_together(slurm_cluster, tmp_path):
+    """A python on the nodes without our packages: every job dies at import and leaves no result file. The wait
+    for a late result file (a slow shared filesystem) used to run 15 s for one job after another."""
+    spec = spec_file(tmp_path, cluster=profile_file(tmp_path, python="/usr/bin/python3"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
+    assert rc == 1 and "4 failed" in out, out
+    times = [sum(int(x) * 60 ** (2 - i) for i, x in enumerate(line[1:9].split(":")))
+             for line in out.splitlines() if re.match(r"\[\d\d:\d\d:\d\d\] failed ", line)]
+    assert len(times) == 4 and max(times) - min(times) < 15, out  # was >= 45 s: 15 s a job, in turn

@@ -241,11 +241,14 @@ class SlurmBackend:
     def monitor(self, watch: dict[str, tuple[Any, "ReportTail"]], events: Events) -> None:
         from submitit.slurm.slurm import SlurmJob
         shown: dict[str, tuple] = {}
+        over_since: dict[str, float] = {}
         while watch:
             SlurmJob.watcher.update()  # one sacct for every job (submitit's own backoff grows to 10 minutes)
             for key, (job, tail) in list(watch.items()):
                 latest = tail.latest()
                 if job_over(job):
+                    if not result_settled(job, over_since.setdefault(key, time.monotonic())):
+                        continue
                     state, info = outcome(job, latest, key)
                     events.update(key, state, **info)
                     del watch[key]
@@ -383,6 +386,23 @@ def job_over(job) -> bool:
     queued = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True, text=True,
                             timeout=60).stdout.split()
     return not any(s in LIVE_STATES for s in queued)
+
+
+# How long a job that ended without a result file may take to show one (a slow shared filesystem): submitit's
+# own wait, 15 s inside job.results(), ran for one job after another (100 jobs dead at import: 25 minutes).
+RESULT_GRACE_S = 15.0
+
+
+def result_settled(job, over_since: float) -> bool:
+    """Every task's result is there, or the grace since the job was first seen over has passed; either way its
+    results() then answers at once. The grace runs for all jobs together."""
+    if all(t.paths.result_pickle.exists() for t in tasks_of(job)):
+        return True
+    if time.monotonic() - over_since < RESULT_GRACE_S:
+        return False
+    for task in [job, *tasks_of(job)]:
+        task._results_timeout_s = 0  # submitit's per-job wait (its own tests set it so): ours has run already
+    return True
 
 
 def queued_jobs() -> dict[str, tuple[str, str]]:
