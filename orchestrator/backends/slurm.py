@@ -376,10 +376,14 @@ LIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING", "COMPLETING", "S
                "REQUEUE_FED", "RESIZING", "SIGNALING", "STAGE_OUT")
 
 
+def results_written(job) -> bool:
+    return all(t.paths.result_pickle.exists() for t in tasks_of(job))
+
+
 def job_over(job) -> bool:
     """Every task left its result, or SLURM says the job ended and it is not coming back (a requeued job reads
     REQUEUED/PENDING, or for a moment a terminal state in sacct while squeue still holds it)."""
-    if all(t.paths.result_pickle.exists() for t in tasks_of(job)):
+    if results_written(job):
         return True
     if not job.watcher.is_done(job.job_id, mode="cache"):
         return False
@@ -396,7 +400,7 @@ RESULT_GRACE_S = 15.0
 def result_settled(job, over_since: float) -> bool:
     """Every task's result is there, or the grace since the job was first seen over has passed; either way its
     results() then answers at once. The grace runs for all jobs together."""
-    if all(t.paths.result_pickle.exists() for t in tasks_of(job)):
+    if results_written(job):
         return True
     if time.monotonic() - over_since < RESULT_GRACE_S:
         return False
