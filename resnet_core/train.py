@@ -288,7 +288,7 @@ class Trainer:
             self.log_artifacts()
             self.end_tracking("FINISHED", {"status_reason": "finished"})
         return {"status": "FINISHED", "trial_key": self.key, "run_id": self.run_id,
-                "iteration": self.iteration, **final}
+                "iteration": self.iteration, "total_iterations": self.schedule.total, **final}
 
     def fail(self, reason: str) -> dict[str, Any]:
         self.end_tracking("FAILED", {"status_reason": reason})
@@ -398,8 +398,8 @@ def report_to_console() -> Report:
     started = time.monotonic()
 
     def show(metrics: dict[str, Any]) -> None:
-        if "status" in metrics or "iteration" not in metrics:
-            return  # the final result: main prints it
+        if "epoch" not in metrics or "iteration" not in metrics:
+            return  # a failed trial's result: main prints it
         errors = "  ".join(f"{k} {100 * metrics[k]:.2f}%" for k in ("val_error", "test_error") if k in metrics)
         elapsed = int(time.monotonic() - started)
         print(f"[{time.strftime('%H:%M:%S')}] epoch {metrics['epoch']}  iteration {metrics['iteration']}/"
