@@ -35,11 +35,22 @@ pip_install() {
     "$VENV/bin/python" -m pip install -q "$@" 2> >(grep -v 'is ignored: it is neither a file' >&2)
 }
 
+require_free_disk() {
+    # The venv is ~7.5 GB (torch's CUDA build alone is 5.5 GB). Running out half-way leaves a broken venv and a
+    # pip traceback ("No space left on device"); say so up front instead.
+    local need_gb=9 free_gb
+    free_gb=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+    if [ "$free_gb" -lt "$need_gb" ]; then
+        log "ERROR: $VENV needs about $need_gb GB free in $(pwd); the disk has $free_gb GB free"
+        exit 1
+    fi
+}
+
 install_python_env() {
     local stamp="$VENV/.installed" want
     want=$(cat pyproject.toml setup.sh | sha256sum | cut -d' ' -f1)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then log ".venv up to date"; return; fi
-    [ -x "$VENV/bin/python" ] || { log "creating $VENV"; "$PY" -m venv "$VENV"; }
+    [ -x "$VENV/bin/python" ] || { require_free_disk; log "creating $VENV"; "$PY" -m venv "$VENV"; }
     pip_install --upgrade pip setuptools wheel
     # torch first and pinned: it must come from the local wheels, not a multi-GB CUDA download.
     pip_install torch==2.14.1 torchvision==0.29.1
