@@ -122,6 +122,18 @@ def mark_interrupted(ctx: SweepContext, progress: SweepProgress) -> None:
             ledger.client.set_terminated(run.info.run_id, status="KILLED")
 
 
+def resume_message(ctx: SweepContext, plan) -> str:
+    from resnet_core.checkpoint import checkpoint_files
+    folder = ctx.output / "checkpoints"
+    resuming = [key for key, reason in plan.reason.items() if reason == RESUME]
+    afresh = [key for key in resuming if not checkpoint_files(folder / key)]
+    said = f"sweep {ctx.spec.name!r}: {len(resuming)} interrupted trial(s) resume"
+    if not afresh:
+        return said + " from their checkpoints"
+    return (said + f"; {len(afresh)} of them have no checkpoint in {folder} (stopped before their first one, or "
+            "the sweep ran with another --output) and train again from iteration 0 in their runs")
+
+
 def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False, live: bool | None = None,
               command: str | None = None) -> dict:
     """``command``: the `orchestrate sweep` arguments of this call, recorded for `status` (default: the spec)."""
@@ -141,7 +153,7 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
     metric = ctx.spec.scheduler.asha.metric if ctx.spec.scheduler.asha else "val_error" if held_out else "test_error"
     progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
     if plan.count(RESUME):
-        progress.log(f"sweep {ctx.spec.name!r}: {plan.count(RESUME)} interrupted trial(s) resume from their checkpoints")
+        progress.log(resume_message(ctx, plan))
     if plan.count(SKIP_FAILED):
         progress.log(f"sweep {ctx.spec.name!r}: {plan.count(SKIP_FAILED)} trial(s) failed in an earlier run and are "
                      "skipped; --retry-failed runs them again (`orchestrate status` says why they failed)")

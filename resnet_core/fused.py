@@ -36,8 +36,8 @@ from .models import create_model
 from .schedule import LRSchedule
 from .steps import AUTOCAST_DTYPES, resolve_precision, resolve_step, sgd
 from .tracking import Tracker
-from .train import (Interrupted, Report, epoch_evaluation_due, install_stop_handlers, log_trial_artifacts, open_run,
-                    pick_device, restore_rng, timed, trial_state)
+from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, install_stop_handlers,
+                    log_trial_artifacts, open_run, pick_device, restore_rng, timed, trial_state)
 
 # What may differ between the members of one fused group: everything else must be equal.
 FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
@@ -343,6 +343,7 @@ class FusedTrainer:
         for m in self.members:
             if m.cfg.tracking.enabled:
                 m.tracker, m.run_id = open_run(m.cfg, m.key, m.run_id, 1, m.rejected)
+            announce_start(m.key, m.folder, states[m.index], m.schedule.total, m.tracker)
         restore = install_stop_handlers(self.request_stop)
         try:
             self.apply_checkpoints(states)  # in the try: checkpoints that do not fit fail the runs, with the reason

@@ -189,6 +189,10 @@ class Tracker:
         metrics = self.client.get_run(self.run_id).data.metrics
         return {key: max(m.step for m in self.client.get_metric_history(self.run_id, key)) for key in metrics}
 
+    def last_logged_step(self) -> int:
+        """The newest step this run holds a point at (-1: none)."""
+        return max(self._last_step.values(), default=-1)
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
         now = int(time.time() * 1000)

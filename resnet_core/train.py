@@ -108,6 +108,8 @@ class Trainer:
         state = self.load_checkpoint()
         self.run_id = state["run_id"] if state else None
         self.start_tracking(self.run_id)
+        if self.env.is_main:
+            announce_start(self.key, self.folder, state, self.schedule.total, self.tracker)
         restore = self.install_signal_handlers()
         try:
             if state is not None:  # in the try: a checkpoint that does not fit fails its run, with the reason
@@ -355,6 +357,17 @@ def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
     if rejected_checkpoints:  # the event a user must see: a corrupt checkpoint was skipped
         tracker.set_tags({"checkpoint_rejected": ",".join(rejected_checkpoints)})
     return tracker, run_id
+
+
+def announce_start(key: str, folder: Path, state: dict[str, Any] | None, total: int, tracker: Tracker | None) -> None:
+    """One line when a trial does not start afresh: a resume is never silent, nor is a restart that found its
+    earlier run but no checkpoint (another --output, checkpoint.resume off, killed before the first one)."""
+    if state is not None:
+        print(f"trial {key}: resuming at iteration {state['iteration']}/{total} from its checkpoint in {folder}",
+              flush=True)
+    elif tracker is not None and tracker.last_logged_step() >= 0:
+        print(f"trial {key}: no checkpoint in {folder}; training starts again at iteration 0 in its earlier MLflow "
+              f"run {tracker.run_id}, which keeps its points up to step {tracker.last_logged_step()}", flush=True)
 
 
 def log_trial_artifacts(tracker: Tracker, cfg: TrainConfig, state_dict: dict[str, torch.Tensor],

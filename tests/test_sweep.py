@@ -161,7 +161,7 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path, 
     if "have no run yet" in said:
         assert f"`orchestrate sweep {spec} --set max_concurrent=2`" in said, said
     output = finish(sweep(tmp_path, spec))
-    assert "interrupted trial(s) resume from their checkpoints" in output
+    assert "interrupted trial(s) resume" in output
     runs = trial_runs(tmp_path, "smoke")
     assert sorted(Counter(r.data.tags["trial_key"] for r in runs).values()) == [1, 1, 1, 1]
     assert all(r.info.status == "FINISHED" for r in runs), output[-2000:]
@@ -471,3 +471,21 @@ def test_sweep_runs_on_an_existing_ray_cluster_and_leaves_it_running(tmp_path, r
     worker_logs = list(ray_head["temp"].glob("session_*/logs/worker-*"))
     assert worker_logs, f"no worker of the cluster at {ray_head['address']} ran anything"
     assert ray_head["process"].poll() is None, "the sweep ended a cluster it did not start"
+
+
+def test_the_resume_line_tells_apart_trials_without_a_checkpoint(tmp_path):
+    """A re-run with another --output finds the interrupted runs but not their checkpoints: it said 'resume from
+    their checkpoints' and the trials trained from iteration 0."""
+    from resnet_core import checkpoint
+    from orchestrator.ledger import DONE, RESUME, Plan
+    from orchestrator.sweep import prepare, resume_message
+    ctx, trials = prepare(str(smoke_spec(tmp_path)), output=str(tmp_path / "out"))
+    first, second, third = (t.key for t in trials[:3])
+    checkpoint.save(ctx.output / "checkpoints" / first, 10, {"iteration": 10, "step": {}, "run_id": "r",
+                                                              "trial_key": first}, keep=1)
+    plan = Plan(reason={first: RESUME, second: RESUME, third: DONE})
+    said = resume_message(ctx, plan)
+    assert said.startswith("sweep 'smoke': 2 interrupted trial(s) resume; 1 of them have no checkpoint in "
+                           f"{tmp_path / 'out' / 'checkpoints'}"), said
+    assert resume_message(ctx, Plan(reason={first: RESUME})) == ("sweep 'smoke': 1 interrupted trial(s) resume "
+                                                                  "from their checkpoints")

@@ -79,7 +79,7 @@ def test_finishes_with_metrics_artifacts_and_tags(tmp_path):
     assert lrs[30] == pytest.approx(0.1) and lrs[35] == pytest.approx(0.01)  # divided by 10 at 30
 
 
-def test_resume_after_interruption_is_exact(tmp_path):
+def test_resume_after_interruption_is_exact(tmp_path, capsys):
     straight = train(tiny_config(tmp_path / "a"))
 
     cfg = tiny_config(tmp_path / "b")
@@ -90,10 +90,31 @@ def test_resume_after_interruption_is_exact(tmp_path):
         train(cfg, report=interrupt_after_first_epoch)
     (stopped,) = checkpoint.checkpoint_files(Path(cfg["checkpoint"]["root"]) / straight["trial_key"])[:1]
     assert int(stopped.name.split("-")[1]) == 16  # the signal came in epoch 1's evaluation: stopped right after it
+    capsys.readouterr()
     resumed = train(cfg)
+    assert f"trial {straight['trial_key']}: resuming at iteration 16/40 from its checkpoint" in capsys.readouterr().out
     assert resumed["run_id"] == runs_of(cfg)[0].info.run_id and len(runs_of(cfg)) == 1
     assert resumed["test_loss"] == straight["test_loss"]  # bit-identical: same batches, same order
     assert history(cfg, resumed["run_id"]) == history(tiny_config(tmp_path / "a"), straight["run_id"])
+
+
+def test_a_restart_without_its_checkpoint_says_it_starts_again(tmp_path, capsys):
+    """Another checkpoint folder (a sweep re-run with another --output): the trial finds its earlier run but no
+    checkpoint. It used to be silent while the sweep said 'resume'; the replay is deterministic, so the run's
+    points stay consistent."""
+    cfg = tiny_config(tmp_path)
+    def interrupt_after_first_epoch(metrics):
+        if metrics["epoch"] == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(Interrupted):
+        train(cfg, report=interrupt_after_first_epoch)
+    capsys.readouterr()
+    elsewhere = tiny_config(tmp_path, checkpoint={"root": str(tmp_path / "other")})
+    result = train(elsewhere)
+    out = capsys.readouterr().out
+    assert f"no checkpoint in {tmp_path / 'other' / result['trial_key']}; training starts again at iteration 0" in out
+    assert "which keeps its points up to step 16" in out and "resuming" not in out
+    assert len(runs_of(cfg)) == 1 and result["iteration"] == 40
 
 
 def test_a_stop_at_an_epochs_last_step_keeps_that_epochs_evaluation(tmp_path, monkeypatch):
