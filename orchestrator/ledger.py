@@ -19,6 +19,7 @@ class Plan:
     to_run: list[Trial] = field(default_factory=list)
     reason: dict[str, str] = field(default_factory=dict)   # trial key -> DONE / RESUME / RETRY / NEW / ...
     run_ids: dict[str, str] = field(default_factory=dict)  # trial key -> existing MLflow run id
+    foreign: int = 0  # trial runs of this experiment that are no trial of this plan (the spec was edited)
 
     def count(self, reason: str) -> int:
         return sum(1 for r in self.reason.values() if r == reason)
@@ -56,6 +57,7 @@ class Ledger:
             plan.reason[trial.key] = reason
             if reason in (NEW, RESUME, RETRY):
                 plan.to_run.append(trial)
+        plan.foreign = len(runs.keys() - plan.reason.keys())
         return plan
 
     def record_plan(self, trials: list[Trial], spec_path) -> None:

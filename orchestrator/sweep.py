@@ -63,10 +63,11 @@ def store_exists(uri: str) -> bool:
 def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
     """Every trial, its resources and exact launch, and the GPU-hour estimate; touches no store, no queue."""
     backend = get_backend(ctx.spec.backend)(ctx)
-    done = {}
+    done, foreign = {}, 0
     if store_exists(ctx.tracking_uri):
         check_store_usable(ctx.tracking_uri)
-        done = Ledger(ctx.tracking_uri, ctx.spec.name, create=False).plan(trials).reason
+        plan = Ledger(ctx.tracking_uri, ctx.spec.name, create=False).plan(trials)
+        done, foreign = plan.reason, plan.foreign
     r = ctx.spec.resources
     lines = [f"sweep {ctx.spec.name!r}: {len(trials)} trials on backend {ctx.spec.backend} "
              f"(each: {r.nodes} node(s), {r.gpus} GPU(s)/node, {r.cpus} CPU(s), time limit {r.time_limit})",
@@ -75,6 +76,8 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
         check_data_exists(ctx, trials)
     except SpecError as err:  # shown, not fatal: the compute nodes may see what this machine does not
         lines.append(f"warning: {err} (here; a real run stops on it)")
+    if foreign:
+        lines.append("warning: " + foreign_runs_message(ctx, foreign))
     units = fuse(ctx, trials)
     memory = gpu_memory_plan(ctx, units)
     if memory:
@@ -122,6 +125,14 @@ def mark_interrupted(ctx: SweepContext, progress: SweepProgress) -> None:
             ledger.client.set_terminated(run.info.run_id, status="KILLED")
 
 
+def foreign_runs_message(ctx: SweepContext, count: int) -> str:
+    """An edited base (or a narrowed space) gives new trial keys under the same sweep name: the old runs stay in
+    the experiment, and status, report and ensemble would mix them with the new ones unannounced."""
+    return (f"sweep {ctx.spec.name!r} already holds {count} trial run(s) that are not trials of this spec (it was "
+            "edited since they ran); status, report and ensemble count them with the new ones. To keep them "
+            "apart, give the edited spec another name (--set name=...)")
+
+
 def resume_message(ctx: SweepContext, plan) -> str:
     from resnet_core.checkpoint import checkpoint_files
     folder = ctx.output / "checkpoints"
@@ -154,6 +165,8 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
     progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
     if plan.count(RESUME):
         progress.log(resume_message(ctx, plan))
+    if plan.foreign:
+        progress.log("warning: " + foreign_runs_message(ctx, plan.foreign))
     if plan.count(SKIP_FAILED):
         progress.log(f"sweep {ctx.spec.name!r}: {plan.count(SKIP_FAILED)} trial(s) failed in an earlier run and are "
                      "skipped; --retry-failed runs them again (`orchestrate status` says why they failed)")

@@ -52,7 +52,7 @@ def trial_runs(tmp_path: Path, experiment: str) -> list:
     return [] if exp is None else client.search_runs([exp.experiment_id], "tags.kind = 'trial'")
 
 
-def test_smoke_sweep_finishes_and_a_rerun_starts_nothing(tmp_path):
+def test_smoke_sweep_finishes_and_a_rerun_starts_nothing(tmp_path, capsys):
     spec = smoke_spec(tmp_path)
     output = finish(sweep(tmp_path, spec))
     runs = trial_runs(tmp_path, "smoke")
@@ -64,6 +64,23 @@ def test_smoke_sweep_finishes_and_a_rerun_starts_nothing(tmp_path):
     again = finish(sweep(tmp_path, spec))
     assert "4 skipped" in again and "running" not in again
     assert len(trial_runs(tmp_path, "smoke")) == 4
+    edited_base_is_announced(tmp_path, spec, capsys)
+
+
+def edited_base_is_announced(tmp_path: Path, spec: Path, capsys) -> None:
+    """An edited base gives every trial a new key under the same sweep name: the dry run warns that the old
+    runs stay and get counted with the new ones, and status marks them (they mixed unannounced)."""
+    from orchestrator.ledger import Ledger
+    from orchestrator.sweep import prepare
+    uri, edit = f"sqlite:///{tmp_path}/mlruns.db", "base.schedule.total=20"
+    code = orchestrate(["sweep", str(spec), "--dry-run", "--tracking-uri", uri, "--set", edit])
+    out = " ".join(capsys.readouterr().out.split())
+    assert code == 0 and "sweep 'smoke' already holds 4 trial run(s) that are not trials of this spec" in out, out
+    assert out.count("[new]") == 4
+    ctx, edited = prepare(str(spec), sets=[edit], tracking_uri=uri)
+    Ledger(uri, "smoke").record_plan(edited, "edited")  # what the edited sweep records when it starts
+    assert orchestrate(["status", "smoke", "--tracking-uri", uri]) == 0
+    assert " ".join(capsys.readouterr().out.split()).count("not a trial of the last sweep call's spec") == 4
 
 
 def test_a_rerun_says_failed_trials_were_skipped_and_retry_failed_runs_them_in_their_run(tmp_path):

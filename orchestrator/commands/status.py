@@ -50,12 +50,16 @@ def run(args: argparse.Namespace) -> int:
     table = Table(title=f"sweep {args.sweep} ({len(runs)} trials)")
     for column in ("trial", "key", "status", "epoch", "test_error", "best_val_error", "run id", "note"):
         table.add_column(column)
+    from orchestrator.ledger import PLANNED_KEY_LENGTH
+    planned = planned_keys(exp)
     for r in runs:
         m, tags = r.data.metrics, r.data.tags
+        note = tags.get("status_reason", "") if r.info.status != "FINISHED" else ""
+        if planned and tags.get("trial_key", "")[:PLANNED_KEY_LENGTH] not in planned:
+            note = "; ".join(filter(None, ["not a trial of the last sweep call's spec", note]))
         table.add_row(tags.get("trial_overrides", ""), tags.get("trial_key", "")[:8], trial_state(r),
                       f"{m['epoch']:.0f}" if "epoch" in m else "", _fmt(m.get("test_error")),
-                      _fmt(m.get("best_val_error")), r.info.run_id[:12],
-                      tags.get("status_reason", "") if r.info.status != "FINISHED" else "")
+                      _fmt(m.get("best_val_error")), r.info.run_id[:12], note)
     console().print(table)
     pending = not_started(exp, runs)
     if pending not in ("", "0"):
@@ -65,14 +69,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def not_started(exp, runs) -> str:
-    """Trials the last sweep call planned that have no run: from the experiment's tags (ledger.record_plan)."""
-    from orchestrator.ledger import PLANNED_KEY_LENGTH
+def planned_keys(exp) -> set[str]:
+    """The (shortened) trial keys the last sweep call planned (ledger.record_plan); empty when not recorded
+    (an older sweep, or too many trials to list)."""
     planned = exp.tags.get("planned_keys")
+    return set(planned.split(",")) if planned else set()
+
+
+def not_started(exp, runs) -> str:
+    """Trials the last sweep call planned that have no run."""
+    from orchestrator.ledger import PLANNED_KEY_LENGTH
+    planned = planned_keys(exp)
     if not planned:
-        return ""  # not recorded (an older sweep, or too many trials to list)
+        return ""
     started = {r.data.tags.get("trial_key", "")[:PLANNED_KEY_LENGTH] for r in runs}
-    return str(sum(key not in started for key in planned.split(",")))
+    return str(len(planned - started))
 
 
 def _fmt(value) -> str:
