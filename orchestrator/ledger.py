@@ -12,6 +12,7 @@ from .trials import Trial
 
 PLANNED_KEY_LENGTH = 10
 DONE, RESUME, RETRY, NEW, SKIP_FAILED = "finished", "resume", "retry", "new", "failed (skipped)"
+STOPPED = "stopped early"  # by the scheduler (ASHA): final, like DONE, but no finished model
 
 
 @dataclass
@@ -52,7 +53,7 @@ class Ledger:
             else:
                 plan.run_ids[trial.key] = run.info.run_id
                 status, stopped = run.info.status, run.data.tags.get("early_stopped") == "true"
-                reason = (DONE if status == "FINISHED" or stopped else
+                reason = (STOPPED if stopped else DONE if status == "FINISHED" else
                           (RETRY if retry_failed else SKIP_FAILED) if status == "FAILED" else RESUME)
             plan.reason[trial.key] = reason
             if reason in (NEW, RESUME, RETRY):

@@ -9,7 +9,7 @@ from resnet_core.tracking import check_store_usable, tracking_uri
 
 from .backends import get_backend
 from .estimate import EAGER_SLOWDOWN, gpu_hours
-from .ledger import DONE, RESUME, SKIP_FAILED, Ledger
+from .ledger import RESUME, SKIP_FAILED, Ledger
 from .progress import SweepProgress
 from .spec import SpecError, load_cluster_profile, load_spec
 from .trials import FusedGroup, SweepContext, Trial, check_data_exists, check_gpu_memory, expand, fuse, gpu_memory_plan
@@ -60,14 +60,14 @@ def store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
 
 
-def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
+def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) -> str:
     """Every trial, its resources and exact launch, and the GPU-hour estimate; touches no store, no queue."""
     backend = get_backend(ctx.spec.backend)(ctx)
-    done, foreign = {}, 0
+    done, foreign, to_run = {}, 0, {t.key for t in trials}
     if store_exists(ctx.tracking_uri):
         check_store_usable(ctx.tracking_uri)
-        plan = Ledger(ctx.tracking_uri, ctx.spec.name, create=False).plan(trials)
-        done, foreign = plan.reason, plan.foreign
+        plan = Ledger(ctx.tracking_uri, ctx.spec.name, create=False).plan(trials, retry_failed)
+        done, foreign, to_run = plan.reason, plan.foreign, {t.key for t in plan.to_run}
     r = ctx.spec.resources
     lines = [f"sweep {ctx.spec.name!r}: {len(trials)} trials on backend {ctx.spec.backend} "
              f"(each: {r.nodes} node(s), {r.gpus} GPU(s)/node, {r.cpus} CPU(s), time limit {r.time_limit})",
@@ -97,7 +97,7 @@ def dry_run(ctx: SweepContext, trials: list[Trial]) -> str:
             lines.append(f"{'  ' if len(members) > 1 else ''}trial {trial.key}  {trial.label}  [{state}]  "
                          f"~{hours:.3f} GPU-h")
         lines += ["    " + line for line in backend.describe(unit).splitlines()]
-    todo = sum(gpu_hours(t.config) for t in trials if done.get(t.key) != DONE)
+    todo = sum(gpu_hours(t.config) for t in trials if t.key in to_run)
     lines += ["", f"estimated GPU-hours: {total:.2f} in all, {todo:.2f} still to run "
                   f"(one GPU's rate, bf16: CIFAR nets at the H100's CUDA-graph rates, their eager and compile "
                   f"steps ~{EAGER_SLOWDOWN:.1f}x slower; ImageNet nets at a published A100 rate"

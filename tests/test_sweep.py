@@ -94,6 +94,10 @@ def test_a_rerun_says_failed_trials_were_skipped_and_retry_failed_runs_them_in_t
     output = again.communicate(timeout=400)[0]
     assert again.returncode == 1 and "running" not in output, output[-3000:]  # not "done" with exit 0
     assert "1 trial(s) failed in an earlier run and are skipped; --retry-failed runs them again" in output
+    for flags, state in (((), "[failed (skipped)]"), (("--retry-failed",), "[retry]")):
+        dry = subprocess.run([BIN / "orchestrate", "sweep", spec, "--dry-run", *flags], cwd=tmp_path, text=True,
+                             capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"})
+        assert dry.returncode == 0 and dry.stdout.count(state) == 1 and dry.stdout.count("[finished]") == 1, dry.stdout
     retry = sweep(tmp_path, spec, "--retry-failed")
     output = retry.communicate(timeout=400)[0]
     assert retry.returncode == 1 and "running  optim.lr=1e+30" in output, output[-3000:]
@@ -184,7 +188,7 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path, 
     assert all(r.info.status == "FINISHED" for r in runs), output[-2000:]
 
 
-def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path):
+def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path, capsys):
     output = finish(sweep(tmp_path, smoke_spec(tmp_path, "smoke_lr")))
     runs = trial_runs(tmp_path, "smoke_lr")
     assert len(runs) == 4
@@ -196,6 +200,12 @@ def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path):
         assert r.data.metrics["epoch"] < 5
         assert r.data.metrics["best_val_error"] <= r.data.metrics["val_error"]  # status shows it for stopped ones
     assert "stopped" in output
+    # the dry run of a re-run: stopped trials are final (nothing left to run) but not "finished"
+    spec = tmp_path / "smoke_lr.yaml"
+    assert orchestrate(["sweep", str(spec), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[stopped early]") == len(stopped) and out.count("[finished]") == 4 - len(stopped), out
+    assert "0.00 still to run" in out, out
 
 
 def test_an_asha_rung_on_the_last_epoch_keeps_every_trained_trial(tmp_path):

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
                           backend=args.backend,
                           tracking_uri=args.tracking_uri, output=args.output, max_concurrent=args.max_concurrent)
     if args.dry_run:
-        print(dry_run(ctx, trials))
+        print(dry_run(ctx, trials, args.retry_failed))
         return 0
     counts = run_sweep(ctx, trials, retry_failed=args.retry_failed, command=command_line(args))
     if counts["interrupted"]:
