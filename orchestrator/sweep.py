@@ -107,10 +107,6 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
     return "\n".join(lines)
 
 
-def plan_and_record(ctx: SweepContext, trials: list[Trial], retry_failed: bool, command: str | None):
-    ledger = Ledger(ctx.tracking_uri, ctx.spec.name)
-    ledger.record_plan(trials, command or ctx.spec_path)  # `orchestrate status` lists what has not started
-    return ledger.plan(trials, retry_failed)
 
 
 def mark_interrupted(ctx: SweepContext, progress: SweepProgress) -> None:
@@ -154,10 +150,14 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
     with ThreadPoolExecutor(1) as pool:
         # Creating an sqlite store runs MLflow's migrations (~8 s); a new store means every trial will run, so
         # the engine starts meanwhile (Ray: ~9 s) instead of after.
-        planned = pool.submit(plan_and_record, ctx, trials, retry_failed, command)
+        ledger = pool.submit(Ledger, ctx.tracking_uri, ctx.spec.name)
         if fresh_store and hasattr(backend, "start"):
             backend.start()
-        plan = planned.result()
+        ledger = ledger.result()
+    plan = ledger.plan(trials, retry_failed)
+    if plan.to_run and hasattr(backend, "start"):
+        backend.start()  # an engine that refuses the sweep (no GPU here) does so before the plan is recorded
+    ledger.record_plan(trials, command or ctx.spec_path)  # `orchestrate status` lists what has not started
     skipped = {k: r for k, r in plan.reason.items() if k not in {t.key for t in plan.to_run}}
     # "best so far" is chosen on held-out data when the trials have some (the test set is for the final word)
     held_out = trials and all(t.config.data.val_split for t in trials)
