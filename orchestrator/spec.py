@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from resnet_core.config import ConfigError, format_validation_error, parse_override, read_yaml, set_dotted
+from resnet_core.config import ConfigError, blame, format_validation_error, parse_override, read_yaml, set_dotted
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 BACKENDS = ("ray", "slurm")
@@ -174,6 +174,9 @@ def check_domain(key: str, domain: Any) -> None:
         raise ValueError(f"{where}: expected a list (grid) or one of {{{': [...], '.join(DISTRIBUTIONS)}: [...]}}")
     (kind, args), = domain.items()
     if kind not in DISTRIBUTIONS:
+        if key in TRIAL_SECTIONS:  # space: {optim: {lr: [...]}}, the nesting of base:
+            raise ValueError(f"{where}: the space's keys are dotted config keys: write {key}.{kind}: [...] "
+                             "instead of nesting it under {key}:".replace("{key}", key))
         raise ValueError(f"{where}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
     if kind == "choice":
         if not isinstance(args, list) or not args:
@@ -206,10 +209,13 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
     tree.update({k: v for k, v in (overrides or {}).items() if v is not None})
     for text in sets:
         apply_set(tree, text)
+    if isinstance(tree.get("seed"), list):
+        raise SpecError(blame(path, sets, "seed: is the seed of the space's sampling, one integer; to train with "
+                                          "several seeds, put them in the space: space: {seed: [0, 1, 2]}"))
     try:
         return SweepSpec.model_validate(tree), path
     except ValidationError as err:
-        raise SpecError(f"{path}: {format_validation_error(err, SweepSpec)}") from None
+        raise SpecError(blame(path, sets, format_validation_error(err, SweepSpec))) from None
 
 
 def apply_set(tree: dict[str, Any], text: str) -> None:

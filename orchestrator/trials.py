@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from resnet_core.config import ConfigError, TrainConfig, build_config, set_dotted, trial_key
+from resnet_core.config import ConfigError, TrainConfig, blame, build_config, set_dotted, trial_key
 
 from .spec import SpecError, SweepSpec
 
@@ -41,6 +41,7 @@ class SweepContext:
     output: Path
     tracking_uri: str
     cluster: dict[str, Any] = field(default_factory=dict)
+    sets: tuple[str, ...] = ()  # the command line's --set edits, for errors to name
 
 
 def label_of(overrides: dict[str, Any]) -> str:
@@ -102,8 +103,7 @@ def expand(ctx: SweepContext, check_data: bool = True) -> list[Trial]:
         try:
             trial = resolve(ctx, overrides)
         except ConfigError as err:
-            where = "base" if not overrides else f"trial {label_of(overrides)}"
-            raise SpecError(f"{ctx.spec_path}: {where}: {str(err).removeprefix('config: ')}") from None
+            raise SpecError(trial_error(ctx, overrides, str(err).removeprefix("config: "))) from None
         if trial.key not in seen:
             seen.add(trial.key)
             trials.append(trial)
@@ -111,6 +111,15 @@ def expand(ctx: SweepContext, check_data: bool = True) -> list[Trial]:
         check_data_exists(ctx, trials)
     check_scheduler_metric(ctx, trials)
     return sorted(trials, key=lambda t: -estimated_work(t.config))
+
+
+def trial_error(ctx: SweepContext, overrides: dict[str, Any], message: str) -> str:
+    """A trial config that does not validate: blame the space's value when its key is at fault, else base (or
+    the --set that edited it); it named the first trial even for a typo in base."""
+    key = message.split(": ", 1)[0]
+    if key in overrides:
+        return blame(ctx.spec_path, ctx.sets, f"trial {label_of(overrides)}: {message}", key="space." + key)
+    return blame(ctx.spec_path, ctx.sets, "base." + message)
 
 
 def check_data_exists(ctx: SweepContext, trials: list[Trial]) -> None:

@@ -303,7 +303,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         if {"space", "base"} & tree.keys() and "name" in tree:
             raise ConfigError(f"{path} is a sweep spec (name, base, space): run it with `orchestrate sweep {path}`")
-    return build_config(tree, overrides)
+    try:
+        return build_config(tree, overrides)
+    except ConfigError as err:
+        if not str(err).startswith("config: "):
+            raise
+        raise ConfigError(blame(path or "config", overrides, str(err).removeprefix("config: "))) from None
+
+
+def blame(source: str | Path, sets: list[str] | tuple[str, ...], message: str, key: str | None = None) -> str:
+    """``message`` ("key: what is wrong") prefixed with the --set that wrote ``key`` (default: the message's),
+    else with ``source`` (the YAML file): a typo on the command line must not send the user into the file."""
+    key = key or message.split(": ", 1)[0]
+    for text in sets:
+        written = text.split("=", 1)[0].strip()
+        if key == written or key.startswith(written + "."):
+            return f"--set {text}: {message}"
+    return f"{source}: {message}"
 
 
 def field_docs(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:

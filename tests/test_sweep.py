@@ -273,7 +273,11 @@ def test_set_edits_a_shipped_sweep_from_the_command_line(capsys):
     assert out.count("\ntrial ") == 2 and "model.name=plain20 seed=0" in out
     assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run",
                         "--set", "base.schedule.totl=200"]) == 2
-    assert "schedule.totl: unknown key" in capsys.readouterr().err
+    # the --set is named, not the YAML (it said "cifar_depth.yaml: trial model.name=resnet110 seed=0: ...")
+    assert "error: --set base.schedule.totl=200: base.schedule.totl: unknown key" in capsys.readouterr().err
+    assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run",
+                        "--set", "space.model.name=[resnet20,resnet21]"]) == 2
+    assert "error: --set space.model.name=[resnet20,resnet21]: trial model.name=resnet21" in capsys.readouterr().err
     assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run", "--set", "name.x=1"]) == 2
     assert capsys.readouterr().err.strip().endswith("--set name.x=1: name.x: 'name' is a value, not a section")
 
@@ -306,7 +310,11 @@ MALFORMED = [
     ({"name": "x", "backend": "slurm", "resources": {"gpus": 0.5, "nodes": 2}}, "cannot span 2 nodes"),
     ({"name": "x", "backend": "kubernetes"}, "backend: unknown backend 'kubernetes'"),
     ({"name": "x", "base": {**BASE, "data": {"path": "/no/such/data"}}}, "base.data.path: data.path: /no/such/data"),
-    ({"name": "x", "base": {**BASE, "optim": {"lrr": 0.1}}}, "optim.lrr: unknown key"),
+    ({"name": "x", "base": {**BASE, "optim": {"lrr": 0.1}}, "space": {"seed": [0, 1]}},
+     "bad.yaml: base.optim.lrr: unknown key"),  # was blamed on the first trial, "trial seed=0"
+    ({"name": "x", "seed": [0, 1]}, "seed: is the seed of the space's sampling, one integer; to train with several"),
+    ({"name": "x", "space": {"optim": {"lr": [0.1, 0.05]}}}, "space.optim: the space's keys are dotted config "
+                                                              "keys: write optim.lr: [...] instead of nesting"),
     ({"name": "x", "space": {"optim.lrr": [0.1]}}, "optim.lrr: unknown key"),
     ({"name": "x", "space": {"optim.lr": {"normal": [0, 1]}}}, "space.optim.lr: unknown distribution 'normal'"),
     ({"name": "x", "space": {"optim.lr": {"loguniform": [0.5, 0.01]}}}, "space.optim.lr.loguniform"),

@@ -257,6 +257,18 @@ def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, overri
     assert not (tmp_path / "mlruns.db").exists()
 
 
+def test_a_bad_key_is_blamed_on_the_set_or_the_file_that_wrote_it(tmp_path):
+    """Both said "config: modle: unknown key", leaving the user to guess whether the YAML or the command line."""
+    cfg_path = write_config(tmp_path, tiny_config(tmp_path))
+    said = subprocess.run([BIN / "orchestrate", "train", cfg_path, "--set", "model.depth=21"], capture_output=True,
+                          text=True, cwd=tmp_path).stderr
+    assert said.startswith("orchestrate train: error: --set model.depth=21: model.depth: depth 21"), said
+    write_config(tmp_path, {**tiny_config(tmp_path), "modle": {"depth": 20}})
+    said = subprocess.run([BIN / "orchestrate", "train", cfg_path], capture_output=True, text=True,
+                          cwd=tmp_path).stderr
+    assert said.startswith(f"orchestrate train: error: {cfg_path}: modle: unknown key"), said
+
+
 @pytest.mark.parametrize("override", ["model.depth=21", "data.path=/nope"])
 def test_the_worker_entry_point_says_bad_input_in_one_line_too(tmp_path, override):
     """`python -m resnet_core.train` is what torchrun and SLURM start; users run it too."""
