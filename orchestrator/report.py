@@ -1,16 +1,19 @@
 """A sweep as the paper shows its CIFAR-10 results (He et al. 2016, Sec. 4.2): Table 6 and Figure 6.
 
-- ``table6.md``: per depth, plain nets and ResNets side by side: model, layers, parameters, test error (%) as the
-  best of the seeds and mean ± std over them (the paper's "6.43 (6.61±0.16)" for ResNet-110, 5 runs). The
-  std is the sample std (n-1); "–" with one seed. ``table6.json`` holds the same numbers unrounded.
+- ``table6.md``: per depth, plain nets and ResNets side by side: model, layers, parameters (as the paper
+  writes them: 0.27M, 1.7M, 19.4M), test error (%) as the best of the seeds and mean ± std over them (the
+  paper's "6.43 (6.61±0.16)" for ResNet-110, 5 runs). The std is the sample std (n-1); "–" with one seed.
+  ``table6.json`` holds the same numbers unrounded.
 - ``fig6_curves.png``: training error (dashed) and test error (solid) against iterations, plain nets left,
   ResNets right, one curve per depth (the mean over seeds at each logged iteration), as in Fig. 6.
 - ``error_vs_depth.png``: test error against depth per family (mean ± std bars, best as crosses): the
   degradation problem at a glance (plain nets get worse with depth, ResNets better).
 
 Only finished trials count (`orchestrator.runs.is_finished`); numbers are the runs' final MLflow metrics.
-Trials that differ in more than model and seed (two learning rates, say) are separate columns, labelled
-with what differs ("ResNet [optim.lr=0.05]"): the seeds column counts repeats of one experiment only.
+Trials that differ in more than model and seed (two learning rates, say) are separate cells, each with its
+variant ("optim.lr=0.05"): the seeds column counts repeats of one experiment only. Such a sweep's table is
+long, one row per depth, model and variant (side-by-side columns per variant made one unreadably wide row
+per depth), and its figures draw at most MAX_SERIES lines a panel (a legend of 16 learning rates is noise).
 """
 from __future__ import annotations
 
@@ -33,15 +36,11 @@ class Trial:
     info: ModelInfo
     seed: str
     test_error: float
-    variant: str = ""  # the swept settings besides the model and the seed, e.g. "optim.lr=0.05"
-
-    @property
-    def family(self) -> str:
-        return family_of(self.info) + (f" [{self.variant}]" if self.variant else "")
+    variant: dict[str, str] = field(default_factory=dict)  # the swept settings besides model and seed, as logged
 
 
 def is_plain(family: str) -> bool:
-    return family.split(" [")[0] == "plain"
+    return family == "plain"
 
 
 # Params that differ between trials without making them different experiments: the seed (a cell's repeats), what
@@ -51,13 +50,28 @@ NOT_A_VARIANT = ("seed", "model.name", "model.depth", "model.shortcut", "model.p
                  "model.bottleneck", "checkpoint.", "tracking.")
 
 
-def variants(runs) -> dict[str, str]:
-    """run id -> the settings that vary across the sweep's trials other than model and seed ("" if none): trials
-    that differ in lr are separate cells of the table, not seeds of one."""
+def variants(runs) -> dict[str, dict[str, str]]:
+    """run id -> the settings that vary across the sweep's trials other than model and seed ({} if none): trials
+    that differ in lr are separate cells of the table, not seeds of one. Exact values: two sampled learning
+    rates that agree to 4 digits are still two experiments."""
     keys = set().union(*(r.data.params for r in runs))
     varying = sorted(k for k in keys if not k.startswith(NOT_A_VARIANT)
                      and len({r.data.params.get(k) for r in runs}) > 1)
-    return {r.info.run_id: ", ".join(f"{k}={short(r.data.params.get(k, '-'))}" for k in varying) for r in runs}
+    return {r.info.run_id: {k: r.data.params.get(k, "-") for k in varying} for r in runs}
+
+
+def variant_label(variant: dict[str, str]) -> str:
+    return ", ".join(f"{k}={short(v)}" for k, v in variant.items())
+
+
+def variant_order(variant: dict[str, str]) -> list:
+    """Numbers by value (lr 0.005 before 0.05 before 0.5), anything else by its text."""
+    def value(text: str):
+        try:
+            return (0, float(text), "")
+        except ValueError:
+            return (1, 0.0, text)
+    return [value(v) for v in variant.values()]
 
 
 def short(value: str) -> str:
@@ -77,6 +91,17 @@ class Cell:
     params: int | None
     errors: list[float]
     runs: list[str] = field(default_factory=list)
+    variant: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def series(self) -> str:
+        """A family and variant: one line of error_vs_depth.png."""
+        return self.family + (f" [{variant_label(self.variant)}]" if self.variant else "")
+
+    @property
+    def label(self) -> str:
+        """A model and variant: one curve of fig6_curves.png."""
+        return self.model + (f" [{variant_label(self.variant)}]" if self.variant else "")
 
     @property
     def best(self) -> float:
@@ -102,15 +127,16 @@ def collect_trials(client, experiment) -> list[Trial]:
 
 
 def build_cells(client, trials: list[Trial], say=print) -> list[Cell]:
-    groups: dict[tuple[str, int], list[Trial]] = defaultdict(list)
+    """Sorted by depth, then plain before ResNet, then variant: the order of the table's rows."""
+    groups: dict[tuple, list[Trial]] = defaultdict(list)
     for t in trials:
-        groups[(t.family, t.info.depth)].append(t)
+        groups[(family_of(t.info), t.info.depth, tuple(t.variant.items()))].append(t)
     cells = []
-    for (family, depth), members in sorted(groups.items(), key=lambda kv: (kv[0][1], not is_plain(kv[0][0]), kv[0][0])):
+    for (family, depth, variant), members in groups.items():
         members.sort(key=lambda t: t.run_id)
         cells.append(Cell(family, depth, f"{family}-{depth}", parameter_count(client, members, say),
-                          [t.test_error for t in members], [t.run_id for t in members]))
-    return cells
+                          [t.test_error for t in members], [t.run_id for t in members], dict(variant)))
+    return sorted(cells, key=lambda c: (c.depth, not is_plain(c.family), c.family, variant_order(c.variant)))
 
 
 def parameter_count(client, members: list[Trial], say=print) -> int | None:
@@ -138,7 +164,11 @@ def percent(value: float) -> str:
 
 
 def params_text(count: int | None) -> str:
-    return "?" if count is None else f"{count / 1e6:.2f}M"
+    """As the paper: 2 significant digits, 1 decimal from 10M on (0.27M, 1.7M, 19.4M); ResNet-8 is 0.075M."""
+    if count is None:
+        return "?"
+    millions = count / 1e6
+    return f"{millions:.2g}M" if millions < 10 else f"{millions:.1f}M"
 
 
 def cell_columns(cell: Cell | None) -> list[str]:
@@ -160,19 +190,35 @@ def not_counted(client, experiment) -> str:
 
 
 def table6_markdown(cells: list[Cell], sweep: str, note: str = "") -> str:
+    lines = [f"# Sweep `{sweep}`: classification error on the test set (Table 6 form)", "",
+             "Test error of the final models. Per family: the best of the seeds and the mean ± sample std over "
+             "them (He et al. 2016, Table 6: ResNet-110 \"6.43 (6.61±0.16)\" over 5 runs)." + (f" {note}" if note else ""), ""]
+    return "\n".join(lines + (variant_rows(cells) if any(c.variant for c in cells) else paper_rows(cells))) + "\n"
+
+
+def paper_rows(cells: list[Cell]) -> list[str]:
+    """The paper's layout: one row per depth, the families side by side."""
     names = families(cells)
     by_key = {(c.family, c.depth): c for c in cells}
     header = ["layers"] + [col for name in names
                            for col in (name, "# params", "error (%) best", "error (%) mean ± std", "seeds")]
-    lines = [f"# Sweep `{sweep}`: classification error on the test set (Table 6 form)", "",
-             "Test error of the final models. Per family: the best of the seeds and the mean ± sample std over "
-             "them (He et al. 2016, Table 6: ResNet-110 \"6.43 (6.61±0.16)\" over 5 runs)." + (f" {note}" if note else ""), "",
-             "| " + " | ".join(header) + " |",
+    lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join(["---:"] + ["---", "---:", "---:", "---:", "---:"] * len(names)) + "|"]
     for depth in sorted({c.depth for c in cells}):
         row = [str(depth)] + [col for name in names for col in cell_columns(by_key.get((name, depth)))]
         lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def variant_rows(cells: list[Cell]) -> list[str]:
+    """One row per depth, model and variant, in build_cells' order: the variants of a model at one depth are
+    adjacent rows, so they compare down a column (as columns they made one row of 5 x variants cells)."""
+    lines = ["| layers | model | variant | # params | error (%) best | error (%) mean ± std | seeds |",
+             "|---:|---|---|---:|---:|---:|---:|"]
+    for cell in cells:
+        model, *numbers = cell_columns(cell)
+        lines.append("| " + " | ".join([str(cell.depth), model, variant_label(cell.variant), *numbers]) + " |")
+    return lines
 
 
 def table6_json(cells: list[Cell], sweep: str) -> str:
@@ -181,6 +227,19 @@ def table6_json(cells: list[Cell], sweep: str) -> str:
 
 
 # -- figures --------------------------------------------------------------------------------------------------
+MAX_SERIES = 8  # lines per panel: more make an unreadable legend and repeat the colour cycle's 10 colours
+
+
+def best_series(cells: list[Cell], key, limit: int = MAX_SERIES) -> tuple[list[Cell], int, int]:
+    """The cells of the `limit` series (the cells of one key(cell)) over the most depths, then of lowest mean test
+    error, in their order; and how many series are drawn, of how many (the table has them all)."""
+    series: dict[str, list[Cell]] = defaultdict(list)
+    for c in cells:
+        series[key(c)].append(c)
+    kept = sorted(series, key=lambda k: (-len(series[k]), min(c.mean for c in series[k])))[:limit]
+    return [c for c in cells if key(c) in kept], len(kept), len(series)
+
+
 def mean_curve(client, run_ids: list[str], key: str) -> tuple[list[int], list[float]]:
     """The mean over seeds at every logged iteration (seeds of one config log at the same iterations)."""
     points: dict[int, list[float]] = defaultdict(list)
@@ -198,12 +257,13 @@ def plot_curves(client, cells: list[Cell], path: Path, sweep: str) -> None:
     fig, axes = plt.subplots(1, len(sides), figsize=(6 * len(sides), 4.5), sharey=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, residual in zip(axes[0], sides):  # a sweep of ResNets only gets no empty "plain" panel
-        side = [c for c in cells if (not is_plain(c.family)) == residual]
+        side, drawn, total = best_series([c for c in cells if (not is_plain(c.family)) == residual], lambda c: c.label)
+        left_out = f" (best {drawn} of {total} by mean test error)" if drawn < total else ""
         for i, cell in enumerate(side):
             colour = colours[i % len(colours)]
             ax.plot(*mean_curve(client, cell.runs, "train_error"), linestyle="--", linewidth=1, color=colour)
-            ax.plot(*mean_curve(client, cell.runs, "test_error"), linewidth=2, color=colour, label=cell.model)
-        ax.set_title("ResNets" if residual else "plain networks")
+            ax.plot(*mean_curve(client, cell.runs, "test_error"), linewidth=2, color=colour, label=cell.label)
+        ax.set_title(("ResNets" if residual else "plain networks") + left_out)
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
         ax.legend()
@@ -217,16 +277,26 @@ def plot_curves(client, cells: list[Cell], path: Path, sweep: str) -> None:
 def plot_error_vs_depth(cells: list[Cell], path: Path, sweep: str) -> None:
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for name in families(cells):
-        side = [c for c in cells if c.family == name]
+    # Lines per family, so that a family of worse nets (plain ones: the point of the figure) is not crowded out;
+    # first those over the most depths: a line of one point says nothing about depth.
+    names, shown, drawn, total = families(cells), [], 0, 0
+    for name in names:
+        kept, n_kept, n = best_series([c for c in cells if c.family == name], lambda c: c.series,
+                                      max(1, MAX_SERIES // len(names)))
+        shown, drawn, total = shown + kept, drawn + n_kept, total + n
+    left_out = (f"\n{drawn} of {total} lines: per family those over most depths, then lowest error"
+                if drawn < total else "")
+    order = sorted(shown, key=lambda c: (not is_plain(c.family), c.family, variant_order(c.variant)))
+    for name in dict.fromkeys(c.series for c in order):  # plain first, variants by value
+        side = [c for c in shown if c.series == name]
         depths = [c.depth for c in side]
         ax.errorbar(depths, [100 * c.mean for c in side], yerr=[100 * (c.std or 0.0) for c in side],
-                    marker="o", capsize=3, label=f"{name} (mean ± std)")
+                    marker="o", capsize=3, label=name)
         ax.scatter(depths, [100 * c.best for c in side], marker="x", color="black", zorder=3)
     ax.set_xlabel("layers")
     ax.set_ylabel("test error (%)")
     ax.set_xticks(sorted({c.depth for c in cells}))
-    ax.set_title(f"Sweep {sweep}: test error against depth (x: best seed)")
+    ax.set_title(f"Sweep {sweep}: test error against depth\n(mean ± std, x: best seed){left_out}")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

@@ -3,6 +3,7 @@ the MLflow metrics it comes from, read here straight from the store."""
 from __future__ import annotations
 
 import json
+import random
 import statistics
 from collections import defaultdict
 
@@ -14,7 +15,7 @@ from orchestrator.cli import main
 from orchestrator.report import FILES, mean_curve
 from resnet_core.models import count_parameters, create_model
 
-from sweep_runs import smoke_sweep  # noqa: F401  (the fixture)
+from sweep_runs import smoke_sweep, trial_config  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -70,7 +71,7 @@ def test_table6_numbers_equal_the_mlflow_metrics(report, smoke_sweep):
         model = "plain_cifar" if family == "plain" else "resnet_cifar"
         params = count_parameters(create_model(model, depth=depth))
         std = f"{100 * statistics.stdev(errors):.2f}" if len(errors) > 1 else "–"
-        assert columns == [f"{family}-{depth}", f"{params / 1e6:.2f}M", f"{100 * min(errors):.2f}",
+        assert columns == [f"{family}-{depth}", f"{params / 1e6:.2g}M", f"{100 * min(errors):.2f}",
                            f"{100 * statistics.fmean(errors):.2f} ± {std}", str(len(errors))]
 
 
@@ -136,13 +137,117 @@ def test_trials_that_differ_in_more_than_model_and_seed_are_separate_cells(tmp_p
         return client.get_run(run.info.run_id)
 
     runs = [trial(0, 0.1, 8), trial(1, 0.1, 8), trial(0, 0.027535425526875226, 14)]
-    assert list(variants(runs).values()) == ["optim.lr=0.1", "optim.lr=0.1", "optim.lr=0.02754"]  # as labels
-    assert list(variants(runs[:2]).values()) == ["", ""]  # seeds only: one cell
+    assert list(variants(runs).values()) == [{"optim.lr": "0.1"}, {"optim.lr": "0.1"},
+                                             {"optim.lr": "0.027535425526875226"}]
+    assert list(variants(runs[:2]).values()) == [{}, {}]  # seeds only: one cell
+    # sampled rates that agree to 4 digits are two experiments still (their labels were equal: pooled as seeds)
+    near = [runs[2], trial(1, 0.027535499, 14)]
+    assert list(variants(near).values()) == [{"optim.lr": "0.027535425526875226"}, {"optim.lr": "0.027535499"}]
     # a model setting the family label does not name is a variant too (it was pooled as a seed)
     client.log_param(runs[1].info.run_id, "model.zero_init_residual", "True")
     client.log_param(runs[0].info.run_id, "model.zero_init_residual", "False")
     runs[:2] = [client.get_run(r.info.run_id) for r in runs[:2]]
-    assert list(variants(runs[:2]).values()) == ["model.zero_init_residual=False", "model.zero_init_residual=True"]
+    assert list(variants(runs[:2]).values()) == [{"model.zero_init_residual": "False"},
+                                                 {"model.zero_init_residual": "True"}]
+
+
+def test_parameters_are_written_as_the_paper_writes_them():
+    """Table 6: 0.27M, 0.46M, 0.66M, 0.85M, 1.7M, 19.4M (ResNet-20 ... 1202); "0.08M" hid ResNet-8's 0.075M."""
+    from orchestrator.report import params_text
+    counts = [count_parameters(create_model("resnet_cifar", depth=depth)) for depth in (20, 32, 44, 56, 110)]
+    assert [params_text(n) for n in counts + [19_421_274, 75_290]] == \
+        ["0.27M", "0.46M", "0.66M", "0.85M", "1.7M", "19.4M", "0.075M"]
+
+
+# -- a sweep of learning rates x depth (what `space: optim.lr: {loguniform: ...}` leaves) ----------------------
+_rng = random.Random(0)
+LRS = [0.01 * 50 ** _rng.random() for _ in range(8)]  # log-uniform in [0.01, 0.5], long floats
+
+
+@pytest.fixture(scope="module")
+def lr_sweep(tmp_path_factory):
+    """Real trials: ResNet-8 at 8 sampled learning rates (two seeds at the first), ResNet-14 and plain-8 at two
+    of them. 13 short trials, ~10 s on 2 idle cores."""
+    from resnet_core.train import train
+    root = tmp_path_factory.mktemp("lr sweep")
+    uri = f"sqlite:///{root}/mlruns.db"
+    client = MlflowClient(uri)
+    experiment_id = client.create_experiment("lr", artifact_location=(root / "artifacts").as_uri())
+    trials = ([("resnet_cifar", 8, 0, lr) for lr in LRS] + [("resnet_cifar", 8, 1, LRS[0])]
+              + [(model, depth, 0, lr) for model, depth in (("resnet_cifar", 14), ("plain_cifar", 8))
+                 for lr in LRS[:2]])
+    for model, depth, seed, lr in trials:
+        config = {**trial_config(root, uri, model, depth, seed), "optim": {"lr": lr}}
+        config["tracking"].update(experiment="lr", tags={"sweep": "lr", "kind": "trial"})
+        assert train(config)["status"] == "FINISHED"
+    out = root / "report"
+    assert main(["report", "--tracking-uri", uri, "--out", str(out), "--no-log"]) == 0
+    return client, experiment_id, out
+
+
+def lr_cells(client, experiment_id) -> dict[tuple[str, int, str], list[float]]:
+    """(family, depth, lr as logged) -> final test_error of each trial, straight from MLflow."""
+    cells = defaultdict(list)
+    for r in sorted(client.search_runs([experiment_id], "tags.kind = 'trial'"), key=lambda r: r.info.run_id):
+        family = "plain" if r.data.params["model.name"] == "plain_cifar" else "ResNet"
+        key = (family, int(r.data.params["model.depth"]), r.data.params["optim.lr"])
+        cells[key].append(r.data.metrics["test_error"])
+    return cells
+
+
+def test_a_variant_sweep_is_one_row_per_depth_model_and_variant(lr_sweep):
+    """Not one column family per learning rate (50 columns in one row): rows, the variants of a model at one depth
+    adjacent and ordered by value, the sampled rate to 4 significant digits."""
+    client, experiment_id, out = lr_sweep
+    lines = [line for line in (out / "table6.md").read_text().splitlines() if line.startswith("| ")]
+    assert lines[0] == "| layers | model | variant | # params | error (%) best | error (%) mean ± std | seeds |"
+    expected = []
+    for (family, depth, lr), errors in sorted(lr_cells(client, experiment_id).items(),
+                                              key=lambda kv: (kv[0][1], kv[0][0] != "plain", float(kv[0][2]))):
+        params = count_parameters(create_model(f"{family.lower()}_cifar", depth=depth))
+        std = f"{100 * statistics.stdev(errors):.2f}" if len(errors) > 1 else "–"
+        expected.append(f"| {depth} | {family}-{depth} | optim.lr={float(lr):.4g} | {params / 1e6:.2g}M | "
+                        f"{100 * min(errors):.2f} | {100 * statistics.fmean(errors):.2f} ± {std} | {len(errors)} |")
+    assert lines[1:] == expected and len(expected) == 12
+
+
+def test_a_variant_sweeps_json_keeps_family_and_exact_variant_apart(lr_sweep):
+    client, experiment_id, out = lr_sweep
+    rows = json.loads((out / "table6.json").read_text())["rows"]
+    assert {(r["family"], r["depth"], r["variant"]["optim.lr"]): r["errors"] for r in rows} == \
+        dict(lr_cells(client, experiment_id))
+    assert {r["model"] for r in rows} == {"ResNet-8", "ResNet-14", "plain-8"}
+
+
+def test_a_variant_sweeps_figures_show_the_best_curves_only(lr_sweep, monkeypatch):
+    """10 ResNet curves (and 10 family+lr lines) would repeat the 10 colours and bury the legend: at most
+    8 (report.MAX_SERIES) are drawn and the titles say how many of how many. Fig. 6 keeps the curves of lowest mean test
+    error; error_vs_depth keeps per family the lines over the most depths, then those of lowest error."""
+    import matplotlib.pyplot as plt
+    from orchestrator.report import build_cells, collect_trials, plot_curves, plot_error_vs_depth
+    client, experiment_id, out = lr_sweep
+    cells = build_cells(client, collect_trials(client, client.get_experiment(experiment_id)))
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)  # keep the figures to read their legends
+    plot_curves(client, cells, out / "curves.png", "lr")
+    plot_error_vs_depth(cells, out / "depth.png", "lr")
+    (plain, resnets), (depth,) = figures[0].axes, figures[1].axes
+    legend = {ax: [t.get_text() for t in ax.get_legend().get_texts()] for ax in (plain, resnets, depth)}
+
+    assert plain.get_title() == "plain networks" and len(legend[plain]) == 2
+    assert resnets.get_title() == "ResNets (best 8 of 10 by mean test error)"
+    assert len(legend[resnets]) == 8 and legend[resnets][0].startswith("ResNet-8 [optim.lr=")
+    drawn = [c.mean for c in cells if c.label in legend[resnets]]
+    assert max(drawn) <= min(c.mean for c in cells if c.family == "ResNet" and c.label not in legend[resnets])
+
+    assert depth.get_title().endswith("\n6 of 10 lines: per family those over most depths, then lowest error")
+    assert [name.split(" [")[0] for name in legend[depth]] == ["plain"] * 2 + ["ResNet"] * 4
+    rank = defaultdict(lambda: [0, 1.0])  # ResNet line -> [-depths, lowest mean]
+    for c in cells:
+        if c.family == "ResNet":
+            rank[c.series] = [rank[c.series][0] - 1, min(rank[c.series][1], c.mean)]
+    assert max(rank[s] for s in legend[depth][2:]) <= min(rank[s] for s in rank if s not in legend[depth])
+    assert f"ResNet [optim.lr={LRS[0]:.4g}]" in legend[depth]  # over depths 8 and 14, however bad
 
 
 @pytest.mark.parametrize("params, family, depth", [
