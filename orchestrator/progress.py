@@ -54,13 +54,14 @@ class SweepProgress:
     def update(self, trial_key: str, state: str, **info) -> None:
         with self._lock:
             view = self.trials.setdefault(trial_key, TrialView(trial_key[:8]))
-            changed = state != view.state
+            # a waiting trial's line changes with squeue's reason too: "queued: job 1234 (Resources)"
+            changed = state != view.state or (state == "pending" and info.get("queued") != view.info.get("queued"))
             view.state = state
             view.info.update(info)
             if self._live:
                 self._live.update(self.render())
             elif changed:
-                details = " ".join(f"{k}={_fmt(v)}" for k, v in info.items())
+                details = " ".join(f"{k}: {v}" if k == "queued" else f"{k}={_fmt(v)}" for k, v in info.items())
                 self.log(f"{state:8s} {view.label} [{trial_key[:8]}] {details}".rstrip())
 
     def counts(self) -> dict[str, int]:
@@ -100,12 +101,19 @@ class SweepProgress:
         order = {s: i for i, s in enumerate(("running", "pending", "finished", "stopped", "interrupted", "failed", "skipped"))}
         for key, v in sorted(self.trials.items(), key=lambda kv: order[kv[1].state]):
             table.add_row(v.label, v.state, _fmt(v.info.get("epoch", "")), _fmt(v.info.get("val_error", "")),
-                          _fmt(v.info.get("test_error", "")), str(v.info.get("reason", "")))
+                          _fmt(v.info.get("test_error", "")), note(v))
         return table
 
     @staticmethod
     def log(message: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def note(view: TrialView) -> str:
+    """Why a trial ended, or where its job waits (shown while it waits only)."""
+    if view.state == "pending" and view.info.get("queued"):
+        return f"queued: {view.info['queued']}"
+    return str(view.info.get("reason", ""))
 
 
 def _fmt(value) -> str:

@@ -134,3 +134,15 @@ def test_jobs_that_die_without_a_result_are_reported_together(slurm_cluster, tmp
     times = [sum(int(x) * 60 ** (2 - i) for i, x in enumerate(line[1:9].split(":")))
              for line in out.splitlines() if re.match(r"\[\d\d:\d\d:\d\d\] failed ", line)]
     assert len(times) == 4 and max(times) - min(times) < 15, out  # was >= 45 s: 15 s a job, in turn
+
+
+def test_a_waiting_trial_shows_its_job_and_squeues_reason(slurm_cluster, tmp_path):
+    """max_concurrent 1: array task 1 waits behind task 0, and squeue says why (JobArrayTaskLimit). The view said
+    nothing of a waiting trial: not its job, not why it does not start."""
+    spec = spec_file(tmp_path, space={"optim.lr": [0.1, 0.05]}, max_concurrent=1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
+    assert rc == 0, out
+    job_id = first_job_id(tmp_path / "out")
+    assert re.search(rf"\] pending +\S+ \[\w{{8}}\] queued: job {job_id}_1 \(JobArrayTaskLimit\)$", out, re.M), out
+

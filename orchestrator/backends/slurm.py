@@ -244,6 +244,7 @@ class SlurmBackend:
         over_since: dict[str, float] = {}
         while watch:
             SlurmJob.watcher.update()  # one sacct for every job (submitit's own backoff grows to 10 minutes)
+            queue = queue_states([job.job_id for job, _ in watch.values()]) or {}  # and one squeue
             for key, (job, tail) in list(watch.items()):
                 latest = tail.latest()
                 if job_over(job):
@@ -253,10 +254,14 @@ class SlurmBackend:
                     events.update(key, state, **info)
                     del watch[key]
                     continue
-                state = SlurmJob.watcher.get_state(job.job_id, mode="cache")
-                view = (state, latest.get("epoch"))
-                if state == "RUNNING" and shown.get(key) != view:
-                    events.update(key, "running", slurm_job_id=job.job_id, **pick(latest, RESULT_KEYS))
+                state, why = queue.get(job.job_id) or (SlurmJob.watcher.get_state(job.job_id, mode="cache"), "")
+                view = (state, why, latest.get("epoch"))
+                if shown.get(key) != view:
+                    if state == "RUNNING":
+                        events.update(key, "running", slurm_job_id=job.job_id, **pick(latest, RESULT_KEYS))
+                    elif state == "PENDING":  # a sweep that does not move says which job waits, and why
+                        reason = f" ({why})" if why and why != "None" else ""  # None: not yet scheduled
+                        events.update(key, "pending", queued=f"job {job.job_id}{reason}")
                 shown[key] = view
             if watch:
                 time.sleep(self.poll_s)
@@ -415,6 +420,21 @@ def queued_jobs() -> dict[str, tuple[str, str]]:
                          timeout=60).stdout
     rows = [line.split("|", 3) for line in out.splitlines() if line.count("|") >= 3]
     return {job: (name, command) for job, state, name, command in rows if state in LIVE_STATES}
+
+
+def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """squeue's state and reason (Priority, Resources, QOSMaxJobsPerUserLimit, ...) of these jobs, in one call,
+    one entry per array task; None when squeue does not answer. Jobs that have ended are not listed."""
+    ids = ",".join(sorted({str(job).split("_")[0] for job in job_ids}))
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", f"--jobs={ids}", "-o", "%i|%T|%r"], capture_output=True,
+                             text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        return None
+    if out.returncode != 0:  # squeue fails when none of the ids is known any more
+        return {} if "Invalid job id" in out.stderr else None
+    rows = [line.split("|", 2) for line in out.stdout.splitlines() if line.count("|") >= 2]
+    return {job: (state, reason) for job, state, reason in rows}
 
 
 def job_order(job_id: str) -> tuple[int, ...]:
