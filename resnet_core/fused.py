@@ -463,7 +463,7 @@ class FusedTrainer:
             self.log(m, {**metrics[m.index], **best, "epoch": epoch})  # stopped early, a trial still has one
             if self.report:
                 self.report({**metrics[m.index], "iteration": self.iteration, "epoch": epoch, "trial_key": m.key,
-                             "run_id": m.run_id})
+                             "run_id": m.run_id, "total_iterations": m.schedule.total})
 
     def log(self, m: Member, metrics: dict[str, float]) -> None:
         if m.tracker:

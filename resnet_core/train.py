@@ -415,7 +415,9 @@ def report_to_console() -> Report:
             return  # a failed trial's result: main prints it
         errors = "  ".join(f"{k} {100 * metrics[k]:.2f}%" for k in ("val_error", "test_error") if k in metrics)
         elapsed = int(time.monotonic() - started)
-        print(f"[{time.strftime('%H:%M:%S')}] epoch {metrics['epoch']}  iteration {metrics['iteration']}/"
+        # the trial: a fused job's log interleaves its members' lines
+        trial = f"trial {metrics['trial_key'][:8]}  " if "trial_key" in metrics else ""
+        print(f"[{time.strftime('%H:%M:%S')}] {trial}epoch {metrics['epoch']}  iteration {metrics['iteration']}/"
               f"{metrics.get('total_iterations', '?')}  {errors}  ({elapsed // 60}:{elapsed % 60:02d} elapsed)",
               file=sys.stderr, flush=True)
     return show

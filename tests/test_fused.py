@@ -18,7 +18,7 @@ from resnet_core.distributed import DistEnv
 from resnet_core.fused import FusedModel, FusedStep, check_fusable, fusion_key, train_fused
 from resnet_core.models import create_model
 from resnet_core.steps import EagerStep
-from resnet_core.train import Interrupted, train
+from resnet_core.train import Interrupted, report_to_console, train
 
 from test_train import history, runs_of, tiny_config
 
@@ -158,10 +158,15 @@ def assert_one_run_without_gaps(cfgs: list[dict], results: list[dict]) -> None:
         assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # no gap, no duplicate
 
 
-def test_interrupted_group_resumes_exactly(tmp_path):
+def test_interrupted_group_resumes_exactly(tmp_path, capsys):
     straight = train_fused(members(tmp_path / "straight"))
     cfgs = interrupted_group(tmp_path / "stopped")
-    resumed = train_fused(cfgs)
+    capsys.readouterr()
+    resumed = train_fused(cfgs, report=report_to_console())
+    out, err = capsys.readouterr()
+    for result in resumed:  # each member says it resumed, and its lines in the job log say whose they are
+        assert f"trial {result['trial_key']}: resuming at iteration 16/40" in out, out
+        assert f"trial {result['trial_key'][:8]}  epoch 2  iteration 32/40" in err, err
     assert_one_run_without_gaps(cfgs, resumed)
     assert [r["test_loss"] for r in resumed] == [w["test_loss"] for w in straight]  # bit-identical
 
