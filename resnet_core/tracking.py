@@ -120,13 +120,23 @@ def environment_tags(world_size: int) -> dict[str, str]:
             "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
+def artifact_location(uri: str) -> str | None:
+    """Beside an sqlite store, ``<store>-artifacts/``: MLflow's default is ``./mlruns`` of whatever folder the
+    experiment was created from, so moving or copying the store lost the weights and every test run left its
+    artifacts in the working directory. None (the server's or MLflow's choice) for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    return str(db.parent / f"{db.stem}-artifacts")
+
+
 def get_or_create_experiment(client, name: str) -> str:
     from mlflow.exceptions import MlflowException
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri))
     except MlflowException:  # another trial created it first
         return client.get_experiment_by_name(name).experiment_id
 

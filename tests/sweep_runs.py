@@ -48,11 +48,11 @@ def trial_config(root: Path, uri: str, model: str, depth: int, seed: int) -> dic
 
 def build_smoke_sweep(root: Path) -> SmokeSweep:
     from mlflow import MlflowClient
+    from resnet_core.tracking import get_or_create_experiment
     from resnet_core.train import train
     uri = f"sqlite:///{root}/mlruns.db"
     client = MlflowClient(uri)
-    # Artifacts in the tmp folder, not in ./mlruns of whatever directory pytest runs from.
-    experiment_id = client.create_experiment(SWEEP, artifact_location=(root / "artifacts").as_uri())
+    experiment_id = get_or_create_experiment(client, SWEEP)  # artifacts beside the store, in root
     sweep = SmokeSweep(root, uri, experiment_id)
     for model, depth, seed in TRIALS:
         result = train(trial_config(root, uri, model, depth, seed))

@@ -75,6 +75,8 @@ def test_finishes_with_metrics_artifacts_and_tags(tmp_path):
     assert run.data.tags["kind"] == "trial"  # a run of `orchestrate train` is a trial for status/report/ensemble
     artifacts = {a.path for a in MlflowClient(cfg["tracking"]["uri"]).list_artifacts(run.info.run_id)}
     assert artifacts == {"config.yaml", "model.pt", "metrics.csv"}
+    # beside the store, not in ./mlruns of the working directory (the store moves with its weights)
+    assert (tmp_path / "mlruns-artifacts" / run.info.run_id / "artifacts" / "model.pt").is_file()
     lrs = dict(history(cfg, run.info.run_id, "lr"))
     assert lrs[30] == pytest.approx(0.1) and lrs[35] == pytest.approx(0.01)  # divided by 10 at 30
 

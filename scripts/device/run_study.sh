@@ -216,7 +216,7 @@ stage_ensemble() {
 stage_collect() {  # one file: the MLflow store, reports, spec, artifacts but weights, Ray's trial logs
   [ $DRY = 1 ] && { say "collect (dry run)"; return 0; }
   local list; list=$(mktemp)
-  (cd / && for p in "$STUDY/mlruns.db" "$STUDY/reports" "$STUDY"/*.yaml "$STUDY/mlruns" "$STUDY/sweep/ray"; do
+  (cd / && for p in "$STUDY/mlruns.db" "$STUDY/reports" "$STUDY"/*.yaml "$STUDY/mlruns-artifacts" "$STUDY/sweep/ray"; do
      [ -e "$p" ] && echo "${p#/}"; done) > "$list"
   local ray_logs; ray_logs=$(ls -d /tmp/ray/session_*/logs 2>/dev/null | tail -2)
   tar -C / -czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='checkpoint_*' -T "$list" \
