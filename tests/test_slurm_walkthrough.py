@@ -5,7 +5,9 @@ a failed job's reason, the job log, and time limits that cannot work.
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -146,3 +148,52 @@ def test_a_waiting_trial_shows_its_job_and_squeues_reason(slurm_cluster, tmp_pat
     job_id = first_job_id(tmp_path / "out")
     assert re.search(rf"\] pending +\S+ \[\w{{8}}\] queued: job {job_id}_1 \(JobArrayTaskLimit\)$", out, re.M), out
 
+
+def no_accounting_env(cluster, tmp_path: Path) -> dict[str, str]:
+    """The cluster seen through a slurm.conf without accounting (AccountingStorageType=accounting_storage/none):
+    the real sacct then refuses every query, exactly as on a cluster without slurmdbd, while squeue, sbatch and
+    srun talk to the same controller. Only this test's clients read the copy; the shared cluster is unchanged."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    for name in ("slurm.conf", "gres.conf"):
+        if (cluster.conf.parent / name).exists():
+            (etc / name).write_text((cluster.conf.parent / name).read_text())
+    lines = [line for line in (etc / "slurm.conf").read_text().splitlines() if not line.startswith("AccountingStorage")]
+    (etc / "slurm.conf").write_text("\n".join([*lines, "AccountingStorageType=accounting_storage/none", ""]))
+    return dict(cluster.env, SLURM_CONF=str(etc / "slurm.conf"))
+
+
+def test_without_accounting_a_job_that_died_is_reported_failed(slurm_cluster, tmp_path):
+    """Without accounting sacct fails on every call, so submitit's watcher reads UNKNOWN for ever: a job that died
+    without a result (here: a python on the nodes without our packages) was waited for for ever."""
+    env = no_accounting_env(slurm_cluster, tmp_path)
+    said = subprocess.run(["sacct", "-j", "1"], env=env, capture_output=True, text=True)
+    assert said.returncode == 1 and "Slurm accounting storage is disabled" in said.stderr  # as on such a cluster
+    spec = spec_file(tmp_path, space={"optim.lr": [0.1]}, cluster=profile_file(tmp_path, python="/usr/bin/python3"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = orchestrate(SimpleNamespace(env=env), tmp_path, str(spec), "--tracking-uri", uri, "--output", "out",
+                       wait=False)
+    try:
+        out, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        pytest.fail(f"the sweep still waits on its dead job after 150 s:\n{out}")
+    assert proc.returncode == 1 and "1 failed" in out, out
+    line, = [line for line in out.splitlines() if re.match(r"\[\d\d:\d\d:\d\d\] failed ", line)]
+    assert "sacct: Slurm accounting storage is disabled" in line and "Exited with exit code 1" in line, out
+
+
+def test_without_accounting_a_cancelled_job_is_an_interrupted_trial(slurm_cluster, tmp_path):
+    """scancel: with no sacct to say CANCELLED, slurmstepd's line in the job's error stream says it."""
+    cluster = SimpleNamespace(env=no_accounting_env(slurm_cluster, tmp_path))
+    spec, uri = one_long_trial(tmp_path, 600)
+    proc, _, _ = start_until_epoch_2(cluster, tmp_path, spec, uri)
+    try:
+        slurm_cluster.run("scancel", first_job_id(tmp_path / "out"))
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1 and "1 interrupted" in out, out
+    assert re.search(r"job \d+ CANCELLED: its checkpoint is kept", out), out

@@ -242,12 +242,15 @@ class SlurmBackend:
         from submitit.slurm.slurm import SlurmJob
         shown: dict[str, tuple] = {}
         over_since: dict[str, float] = {}
+        no_sacct = sacct_error()  # a cluster without accounting: sacct fails (and says so on stderr) every time
         while watch:
-            SlurmJob.watcher.update()  # one sacct for every job (submitit's own backoff grows to 10 minutes)
-            queue = queue_states([job.job_id for job, _ in watch.values()]) or {}  # and one squeue
+            if not no_sacct:
+                SlurmJob.watcher.update()  # one sacct for every job (submitit's own backoff grows to 10 minutes)
+            queued = queue_states([job.job_id for job, _ in watch.values()])  # and one squeue
+            queue = queued or {}
             for key, (job, tail) in list(watch.items()):
                 latest = tail.latest()
-                if job_over(job):
+                if job_over(job, queued):
                     if not result_settled(job, over_since.setdefault(key, time.monotonic())):
                         continue
                     state, info = outcome(job, latest, key)
@@ -385,16 +388,19 @@ def results_written(job) -> bool:
     return all(t.paths.result_pickle.exists() for t in tasks_of(job))
 
 
-def job_over(job) -> bool:
+def job_over(job, queue: dict[str, tuple[str, str]] | None) -> bool:
     """Every task left its result, or SLURM says the job ended and it is not coming back (a requeued job reads
-    REQUEUED/PENDING, or for a moment a terminal state in sacct while squeue still holds it)."""
+    REQUEUED/PENDING, or for a moment a terminal state in sacct while squeue still holds it). ``queue``: this
+    poll's queue_states. Without accounting sacct never answers (submitit's watcher reads UNKNOWN for ever):
+    squeue no longer holding the job is then the only sign that it ended."""
     if results_written(job):
         return True
-    if not job.watcher.is_done(job.job_id, mode="cache"):
+    if queue is None:  # squeue did not answer this time
         return False
-    queued = subprocess.run(["squeue", "-h", "-j", job.job_id, "-o", "%T"], capture_output=True, text=True,
-                            timeout=60).stdout.split()
-    return not any(s in LIVE_STATES for s in queued)
+    known = job.watcher.get_state(job.job_id, mode="cache") != "UNKNOWN"
+    if known and not job.watcher.is_done(job.job_id, mode="cache"):
+        return False
+    return queue.get(job.job_id, ("",))[0] not in LIVE_STATES
 
 
 # How long a job that ended without a result file may take to show one (a slow shared filesystem): submitit's
@@ -451,6 +457,11 @@ def outcome(job, latest: dict[str, Any], key: str | None = None) -> tuple[str, d
     """(state, info) of trial ``key``'s job that is over, from rank 0's result (or why there is none); a fused
     group's job returns one result per member."""
     try:
+        if not results_written(job):
+            # no result: submitit's results() would first wait until sacct says the job ended (for ever without
+            # accounting) to raise this with the job's error stream
+            from submitit.core.utils import UncompletedJobError
+            raise UncompletedJobError(job.stderr() or f"no error stream; see {job.paths.stdout}")
         result = job.results()[0]
         if isinstance(result, list):
             result = next(r for r in result if r.get("trial_key") == key)
@@ -475,14 +486,38 @@ def final_state(job, timeout: float = 60.0) -> tuple[str, int | None]:
     its result before the job ends), and only sacct has the exit code."""
     end = time.monotonic() + timeout
     while True:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job.job_id, "-o", "State,ExitCode"],
-                             capture_output=True, text=True, timeout=60).stdout.splitlines()
+        run = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job.job_id, "-o", "State,ExitCode"],
+                             capture_output=True, text=True, timeout=60)
+        if run.returncode != 0:  # "Slurm accounting storage is disabled": no later call answers either
+            said = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+            return stderr_end(job.stderr() or "", f"left the queue, its end unknown: sacct: {said}")
+        out = run.stdout.splitlines()
         state, _, code = (out[-1] if out else "").partition("|")
         state = (state.split() or [""])[0]  # "CANCELLED by 0"
         if (state and state not in LIVE_STATES) or time.monotonic() > end:
             code = code.split(":")[0]
             return state or (job.state or "UNKNOWN").split()[0], int(code) if code.isdigit() else None
         time.sleep(1.0)
+
+
+# slurmstepd's line when SLURM ends a job: "*** JOB 608 ON n1 CANCELLED AT 2026-12-01T04:24:57 ***"
+STEPD_END = re.compile(r"\*\*\* JOB \S+ ON \S+ CANCELLED AT \S+(?: DUE TO (TIME LIMIT|PREEMPTION|NODE FAILURE))? "
+                       r"\*\*\*")
+STEPD_STATES = {"": "CANCELLED", "TIME LIMIT": "TIMEOUT", "PREEMPTION": "PREEMPTED", "NODE FAILURE": "NODE_FAIL"}
+
+
+def stderr_end(text: str, unknown: str) -> tuple[str, int | None]:
+    """A job's end as its error stream tells it, where sacct cannot: slurmstepd's line (scancel, time limit,
+    preemption, a lost node) and srun's "task 0: Exited with exit code 3" (the worker's own exit)."""
+    ends = STEPD_END.findall(text)
+    codes = re.findall(r"Exited with exit code (\d+)", text)
+    return STEPD_STATES[ends[-1]] if ends else unknown, int(codes[-1]) if codes else None
+
+
+def sacct_error() -> str | None:
+    """None when sacct answers; else what it says instead (a cluster without accounting, on every call)."""
+    run = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True, text=True, timeout=60)
+    return None if run.returncode == 0 else (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
 
 
 def error_line(text: str, default: str) -> str:
@@ -531,7 +566,7 @@ def relay_trial(config: dict[str, Any]) -> None:
     trial: SlurmTrial = p["trial"]
     tail = ReportTail(Path(trial.report_file))
     job = make_executor(p["folder"], p["parameters"], p["python"], p["max_num_timeout"]).submit(trial)
-    last_epoch, final, polled = 0, None, 0.0
+    last_epoch, final, polled, no_sacct = 0, None, 0.0, sacct_error()
     while final is None:
         for record in tail.read():
             if "status" in record:
@@ -542,8 +577,11 @@ def relay_trial(config: dict[str, Any]) -> None:
                              "run_id": record.get("run_id"), "trial_key": p["key"]})
         if final is None and time.monotonic() - polled > p["poll_s"]:
             polled = time.monotonic()
-            job.get_info(mode="force")
-            if job_over(job):
+            if not no_sacct:
+                job.get_info(mode="force")
+            # squeue too once sacct says the job ended, or each time with no sacct to say it
+            ended = no_sacct or job.watcher.is_done(job.job_id, mode="cache")
+            if ended and job_over(job, queue_states([job.job_id])):
                 state, info = outcome(job, tail.latest())
                 final = {"status": "FINISHED" if state == "finished" else "FAILED", **info}
                 if state in ("failed", "interrupted") and "reason" in info and not tail.latest().get("status"):
