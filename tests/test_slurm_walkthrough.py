@@ -1,6 +1,7 @@
 """What a user walkthrough of `orchestrate sweep --backend slurm` found, on the real local two-node SLURM cluster
-(tests/slurm_cluster.py): a re-run while the jobs still run, sbatch refusing the jobs, a job stopped by a signal,
-a failed job's reason, the job log, and time limits that cannot work.
+(tests/slurm_cluster.py): a re-run while the jobs still run, sbatch refusing the jobs (with ASHA too), a job stopped
+by a signal, a failed job's reason, the job log, time limits that cannot work, why a trial's job waits, and jobs
+that end on a cluster without accounting.
 """
 from __future__ import annotations
 
@@ -197,3 +198,15 @@ def test_without_accounting_a_cancelled_job_is_an_interrupted_trial(slurm_cluste
             proc.kill()
     assert proc.returncode == 1 and "1 interrupted" in out, out
     assert re.search(r"job \d+ CANCELLED: its checkpoint is kept", out), out
+
+
+def test_sbatch_refusing_an_asha_sweeps_jobs_is_one_line(slurm_cluster, tmp_path):
+    """With ASHA each Ray trial submits its own job (relay_trial): a refusal was a traceback per trial."""
+    spec = spec_file(tmp_path, name="smoke-asha", space={"optim.lr": [0.1, 0.02]},
+                     scheduler={"asha": {"metric": "val_loss", "grace_period": 1, "reduction_factor": 2}},
+                     cluster=profile_file(tmp_path, partition="nonexistent"))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
+    assert rc == 2 and "Traceback" not in out, out
+    line, = error_lines(out)
+    assert "sbatch refused the jobs: Invalid partition name specified" in line and "profile.yaml" in line, out

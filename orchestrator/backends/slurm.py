@@ -277,11 +277,12 @@ class SlurmBackend:
             with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's stderr before it raises
                 return executor.submit_array(payloads) if len(payloads) > 1 else [executor.submit(payloads[0])]
         except FailedJobError as err:
-            from ..cli import UserError
-            said = ([line for line in str(err).splitlines() if line.strip()] or ["no reason given"])[-1]
-            said = said.split("error:", 1)[-1].replace("Batch job submission failed:", "").strip()
-            raise UserError(f"sbatch refused the jobs: {said} (check slurm.* in the cluster profile "
-                            f"{self.spec.cluster}, resources.* in {self.ctx.spec_path})") from None
+            raise self.refused(sbatch_refusal(err)) from None
+
+    def refused(self, said: str):
+        from ..cli import UserError
+        return UserError(f"sbatch refused the jobs: {said} (check slurm.* in the cluster profile "
+                         f"{self.spec.cluster}, resources.* in {self.ctx.spec_path})")
 
     def refuse_if_still_queued(self, trials: list[Trial]) -> None:
         """An earlier `orchestrate sweep` killed outright leaves its jobs running or queued: submitting again would
@@ -330,6 +331,14 @@ class SlurmBackend:
         finally:
             callback.join()
             ray.shutdown()
+        if callback.refused:  # every trial's job has the same sbatch options: one line, as without ASHA
+            raise self.refused(callback.refused)
+
+
+def sbatch_refusal(err: Exception) -> str:
+    """What sbatch said when it refused a job, from submitit's FailedJobError (sbatch's stderr)."""
+    said = ([line for line in str(err).splitlines() if line.strip()] or ["no reason given"])[-1]
+    return said.split("error:", 1)[-1].replace("Batch job submission failed:", "").strip()
 
 
 def make_executor(folder: str, parameters: dict[str, Any], python: str, max_num_timeout: int):
@@ -565,7 +574,15 @@ def relay_trial(config: dict[str, Any]) -> None:
     p = config["trial"]
     trial: SlurmTrial = p["trial"]
     tail = ReportTail(Path(trial.report_file))
-    job = make_executor(p["folder"], p["parameters"], p["python"], p["max_num_timeout"]).submit(trial)
+    from submitit.core.utils import FailedJobError
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # submitit prints sbatch's stderr before it raises
+            job = make_executor(p["folder"], p["parameters"], p["python"], p["max_num_timeout"]).submit(trial)
+    except FailedJobError as err:  # the driver ends the sweep with one line naming the profile and the spec
+        said = sbatch_refusal(err)
+        tune.report({"trial_status": "FAILED", "trial_key": p["key"], "reason": f"sbatch refused the job: {said}",
+                     "sbatch_refused": said, **_metric_placeholder({})})
+        return
     last_epoch, final, polled, no_sacct = 0, None, 0.0, sacct_error()
     while final is None:
         for record in tail.read():
@@ -620,9 +637,14 @@ def events_callback_class():
         def __init__(self, events: Events, ctx: SweepContext):
             super().__init__(events, ctx)
             self.stoppers: list[threading.Thread] = []
+            self.refused: str | None = None  # what sbatch said when it refused a trial's job
 
         def __getstate__(self):
-            return {**super().__getstate__(), "stoppers": []}
+            return {**super().__getstate__(), "stoppers": [], "refused": None}
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self.refused = self.refused or result.get("sbatch_refused")
+            super().on_trial_result(iteration, trials, trial, result, **info)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             last = trial.last_result or {}
