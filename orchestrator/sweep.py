@@ -31,7 +31,7 @@ def prepare(spec_path: str, address: str | None = None, check_data: bool = True,
     ctx = SweepContext(spec=spec, spec_path=path,
                        output=Path(spec.output or Path("runs") / "sweeps" / spec.name).resolve(),
                        tracking_uri=absolute_uri(tracking_uri(spec.tracking_uri)),
-                       cluster=load_cluster_profile(spec, path))
+                       cluster=load_cluster_profile(spec, path), sets=tuple(sets))
     if ctx.output.exists() and not ctx.output.is_dir():
         raise SpecError(f"output: {ctx.output} is a file; the sweep writes checkpoints and logs into a folder there")
     if address:
