@@ -542,6 +542,8 @@ def test_orchestrate_train_shows_each_evaluation_and_warns_of_milestones_past_th
                           env=worker_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "warning: schedule.milestones 50 >= schedule.total 40" in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if "] epoch " in line]
+    lines = [line for line in proc.stderr.splitlines() if "  epoch " in line]
+    key = trial_key(build_config(cfg))[:8]
     assert [line.split("] ", 1)[1].split("  test_error")[0] for line in lines] == [
-        "epoch 1  iteration 16/40", "epoch 2  iteration 32/40", "epoch 3  iteration 40/40"], proc.stderr
+        f"trial {key}  epoch 1  iteration 16/40", f"trial {key}  epoch 2  iteration 32/40",
+        f"trial {key}  epoch 3  iteration 40/40"], proc.stderr
