@@ -16,8 +16,8 @@ import yaml
 from orchestrator.backends.slurm import SlurmBackend
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.sweep import prepare
-from test_sweep_slurm import (LOCAL, SMOKE, first_job_id, one_long_trial, orchestrate, runs, spec_file,
-                              start_until_epoch_2)
+from test_sweep_slurm import (LOCAL, SMOKE, cancel_first_job, first_job_id, one_long_trial, orchestrate, runs,
+                              spec_file, start_until_epoch_2)
 
 
 def profile_file(tmp_path: Path, **slurm) -> str:
@@ -190,12 +190,7 @@ def test_without_accounting_a_cancelled_job_is_an_interrupted_trial(slurm_cluste
     cluster = SimpleNamespace(env=no_accounting_env(slurm_cluster, tmp_path))
     spec, uri = one_long_trial(tmp_path, 600)
     proc, _, _ = start_until_epoch_2(cluster, tmp_path, spec, uri)
-    try:
-        slurm_cluster.run("scancel", first_job_id(tmp_path / "out"))
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out = cancel_first_job(slurm_cluster, tmp_path, proc)
     assert proc.returncode == 1 and "1 interrupted" in out, out
     assert re.search(r"job \d+ CANCELLED: its checkpoint is kept", out), out
 

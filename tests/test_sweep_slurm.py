@@ -274,12 +274,7 @@ def test_a_cancelled_job_is_an_interrupted_trial_that_a_rerun_resumes(slurm_clus
     total = 60
     spec, uri = one_long_trial(tmp_path, total)
     proc, _, first = start_until_epoch_2(slurm_cluster, tmp_path, spec, uri)
-    try:
-        slurm_cluster.run("scancel", first_job_id(tmp_path / "out"))
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    out = cancel_first_job(slurm_cluster, tmp_path, proc)
     assert proc.returncode == 1 and "1 interrupted" in out and "Error stream" not in out, out
     assert "run the same command again to resume them from their checkpoints" in out
     code, again = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out")
@@ -329,6 +324,16 @@ def wait_report(path: Path, pred, after: dict | None = None, timeout: float = 12
             records = records[records.index(after) + 1:]
         return next((r for r in records if pred(r)), None)
     return next(iter_until(find, timeout))
+
+
+def cancel_first_job(cluster, tmp_path: Path, proc) -> str:
+    """scancel the sweep's first job; the sweep's output once it has ended."""
+    try:
+        cluster.run("scancel", first_job_id(tmp_path / "out"))
+        return proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def first_job_id(out: Path) -> str:
