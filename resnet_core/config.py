@@ -38,6 +38,21 @@ class ModelConfig(Section):
     bottleneck: bool | None = Field(None, description="CIFAR family only: 1x1-3x3-1x1 units (9n+2 depths)")
     zero_init_residual: bool = Field(False, description="off in the paper")
 
+    def check_name_agrees(self) -> None:
+        """A name that says its depth (resnet56) or plainness (plain20), given another: the net built followed the
+        override while the run, report and ensemble were labelled with the name. The default name may be
+        re-shaped (``--set model.depth=56`` on the default resnet20); a name the user wrote may not."""
+        if "name" not in self.model_fields_set:
+            return
+        pinned = re.search(r"(\d+)$", self.name)
+        if pinned and self.depth is not None and self.depth != int(pinned.group(1)):
+            raise ValueError(f"model.depth: {self.depth} contradicts model.name {self.name} ({pinned.group(1)} "
+                             "layers): name the model of that depth, or give any CIFAR depth to resnet_cifar or "
+                             "plain_cifar")
+        if self.name.startswith("plain") and self.plain is False:
+            raise ValueError(f"model.plain: false contradicts model.name {self.name}, a plain net; name its ResNet "
+                             f"twin ({self.name.replace('plain', 'resnet', 1)})")
+
     def overrides(self) -> dict[str, Any]:
         keys = ("depth", "shortcut", "plain", "unit", "bottleneck")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
@@ -174,6 +189,7 @@ class TrainConfig(Section):
     def _model_builds(self) -> "TrainConfig":
         if not is_model(self.model.name):
             raise ValueError(f"model.name: unknown model {self.model.name!r}; valid: {', '.join(list_models())}")
+        self.model.check_name_agrees()
         import torch
         try:
             with torch.device("meta"):  # validates depth/shortcut/unit without allocating anything

@@ -248,6 +248,9 @@ def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     ("schedule.milestones=[100,50]", "schedule.milestones: [100, 50] must be positive and increasing"),
     ("optim.lr=.inf", "optim.lr: Input should be a finite number"),
     ("dist.zero_stage=2", "dist.zero_stage: ZeRO stage 2 partitions the optimizer state"),  # failed on the node
+    # tiny_config names resnet_cifar; these name a pinned model: it built the override, labelled with the name
+    ("model.name=resnet56", "model.depth: 8 contradicts model.name resnet56 (56 layers)"),
+    ("model.name=plain8", "model.name: unknown model 'plain8'"),
 ])
 def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, override, key):
     cfg_path = write_config(tmp_path, tiny_config(tmp_path))
@@ -257,6 +260,13 @@ def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, overri
     assert proc.stderr.startswith("orchestrate train: error: ") and key in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "mlruns.db").exists()
+
+
+def test_a_model_name_and_a_setting_that_contradicts_it_are_refused():
+    assert build_config({"model": {"name": "resnet56", "depth": 56}}).model.depth == 56  # agreeing: fine
+    assert build_config({"model": {"depth": 56}}).model.depth == 56  # the default name may be re-shaped
+    with pytest.raises(ConfigError, match="model.plain: false contradicts model.name plain20, a plain net"):
+        build_config({"model": {"name": "plain20", "plain": False}})
 
 
 def test_a_bad_key_is_blamed_on_the_set_or_the_file_that_wrote_it(tmp_path):
