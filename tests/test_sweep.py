@@ -78,9 +78,12 @@ def edited_base_is_announced(tmp_path: Path, spec: Path, capsys) -> None:
     assert code == 0 and "sweep 'smoke' already holds 4 trial run(s) that are not trials of this spec" in out, out
     assert out.count("[new]") == 4
     ctx, edited = prepare(str(spec), sets=[edit], tracking_uri=uri)
-    Ledger(uri, "smoke").record_plan(edited, "edited")  # what the edited sweep records when it starts
+    command = f"{spec} --set {edit} 'space.optim.nesterov=[true,false]'"
+    Ledger(uri, "smoke").record_plan(edited, command)  # what the edited sweep records when it starts
     assert orchestrate(["status", "smoke", "--tracking-uri", uri]) == 0
-    assert " ".join(capsys.readouterr().out.split()).count("not a trial of the last sweep call's spec") == 4
+    said = " ".join(capsys.readouterr().out.split())
+    assert said.count("not a trial of the last sweep call's spec") == 4, said
+    assert f"`orchestrate sweep {command}` have no run yet" in said, said  # rich took [true,false] for markup
 
 
 def test_a_rerun_says_failed_trials_were_skipped_and_retry_failed_runs_them_in_their_run(tmp_path):

@@ -16,6 +16,7 @@ def trial_state(run) -> str:
 def run(args: argparse.Namespace) -> int:
     from mlflow import MlflowClient
     from orchestrator.cli import console
+    from rich.markup import escape
     from rich.table import Table
 
     from orchestrator.cli import UserError
@@ -57,15 +58,16 @@ def run(args: argparse.Namespace) -> int:
         note = tags.get("status_reason", "") if r.info.status != "FINISHED" else ""
         if planned and tags.get("trial_key", "")[:PLANNED_KEY_LENGTH] not in planned:
             note = "; ".join(filter(None, ["not a trial of the last sweep call's spec", note]))
-        table.add_row(tags.get("trial_overrides", ""), tags.get("trial_key", "")[:8], trial_state(r),
+        table.add_row(escape(tags.get("trial_overrides", "")), tags.get("trial_key", "")[:8], trial_state(r),
                       f"{m['epoch']:.0f}" if "epoch" in m else "", _fmt(m.get("test_error")),
-                      _fmt(m.get("best_val_error")), r.info.run_id[:12], note)
+                      _fmt(m.get("best_val_error")), r.info.run_id[:12], escape(note))
     console().print(table)
     pending = not_started(exp, runs)
     if pending not in ("", "0"):
+        # escaped: rich read "[resnet20,plain20]" of a --set as markup and dropped it from the command
         console().print(f"{pending} of the {exp.tags['planned_trials']} trials planned by the last "
-                        f"`orchestrate sweep {exp.tags.get('spec', '')}` have no run yet (queued, or not started: "
-                        "the same command starts them)")
+                        f"`orchestrate sweep {escape(exp.tags.get('spec', ''))}` have no run yet (queued, or not "
+                        "started: the same command starts them)")
     return 0
 
 
