@@ -32,7 +32,7 @@ from .distributed import DistEnv
 from .models import create_model
 from .schedule import LRSchedule
 from .steps import build_step
-from .tracking import Tracker, environment_tags, flatten
+from .tracking import Tracker, check_store_usable, environment_tags, flatten
 
 Report = Callable[[dict[str, Any]], None]
 # A launcher that runs the worker as a child process (torchrun inside a Ray trial) reads reports from this file.
@@ -436,8 +436,10 @@ def warn_about_the_schedule(cfg: TrainConfig) -> None:
               "the lr never drops there (set schedule.milestones too)", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train") -> int:
-    """Errors are one line behind ``prog`` (``orchestrate train`` passes its own name), as every command's are."""
+def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train", probe_store: bool = False) -> int:
+    """Errors are one line behind ``prog`` (``orchestrate train`` passes its own name), as every command's are.
+    ``probe_store``: a tracking server that does not answer is one line at once (`orchestrate train`, run by a
+    user); a sweep's workers leave a restarting server to the client's retries."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR recipe)")
     parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
@@ -450,6 +452,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train
                        report_to_console())
     try:
         cfg = load_config(args.config, args.set)
+        if probe_store and cfg.tracking.enabled:
+            check_store_usable(cfg.tracking.uri)  # else minutes of MLflow's retries, then a 130-line traceback
         warn_about_the_schedule(cfg)
         result = train(cfg, report)
     except (ConfigError, DataError, FileNotFoundError) as err:  # the input's fault: one line, no traceback

@@ -36,4 +36,5 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False) + f"# trial key: {trial_key(cfg)}")
         return 0
     from resnet_core.train import main
-    return main([*([args.config] if args.config else []), "--set", *args.set], prog="orchestrate train")
+    return main([*([args.config] if args.config else []), "--set", *args.set], prog="orchestrate train",
+                probe_store=True)
