@@ -89,6 +89,11 @@ def save(folder: Path, iteration: int, state: dict[str, Any], keep: int) -> Path
         previous = checkpoint_files(folder)
         kept = f"; the previous checkpoint {previous[0].name} is intact" if previous else ""
         raise CheckpointError(f"cannot write checkpoint {final}: {err.strerror or err}{kept}") from err
+    # An earlier file of the same iteration (the loop's, then the final one's) is superseded: kept, it pushed the
+    # previous iteration's fallback out of `keep`, and which of the two was "newest" was left to the folder order.
+    for same in checkpoint_files(folder):
+        if same != final and int(NAME.match(same.name).group(1)) == iteration:
+            same.unlink(missing_ok=True)
     for old in checkpoint_files(folder)[keep:]:
         old.unlink(missing_ok=True)
     return final

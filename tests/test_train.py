@@ -144,6 +144,18 @@ def trial_state_at(iteration: int) -> dict:
     return {"iteration": iteration, "step": {}, "run_id": "r", "trial_key": "k"}  # checkpoint.REQUIRED_KEYS
 
 
+def test_a_second_checkpoint_at_one_iteration_replaces_the_first_and_keeps_the_fallback(tmp_path):
+    """The loop's checkpoint at the last step, then the final one at the same step: both were kept, the previous
+    iteration's fallback was deleted, and which of the two loaded first was up to the folder's order."""
+    folder = tmp_path / "ckpt"
+    checkpoint.save(folder, 10, trial_state_at(10), keep=2)
+    checkpoint.save(folder, 20, trial_state_at(20), keep=2)
+    final = checkpoint.save(folder, 20, {**trial_state_at(20), "run_id": "final"}, keep=2)
+    files = checkpoint.checkpoint_files(folder)
+    assert [int(p.name.split("-")[1]) for p in files] == [20, 10] and files[0] == final
+    assert checkpoint.load_latest(folder)[0]["run_id"] == "final"
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     folder = tmp_path / "ckpt"
     checkpoint.save(folder, 10, trial_state_at(10), keep=2)
