@@ -1,7 +1,9 @@
 """Running a sweep: spec -> trials -> (skip what MLflow says is done) -> backend, with a live view."""
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -146,6 +148,39 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
     """``command``: the `orchestrate sweep` arguments of this call, recorded for `status` (default: the spec)."""
     backend = get_backend(ctx.spec.backend)(ctx)  # refuses what it cannot run before anything is logged
     check_store_usable(ctx.tracking_uri)  # before the engine starts, not seconds into it
+    with one_orchestrator(ctx):
+        return run_planned_sweep(ctx, trials, backend, retry_failed, live, command)
+
+
+@contextlib.contextmanager
+def one_orchestrator(ctx: SweepContext):
+    """One `orchestrate sweep` per output folder at a time: a second one ran every unfinished trial again, its
+    copies then stopped as "superseded" and both views reported them failed. The lock goes with the process
+    (flock), so a killed orchestrator never blocks a re-run."""
+    import fcntl
+    import socket
+    ctx.output.mkdir(parents=True, exist_ok=True)
+    lock = open(ctx.output / ".orchestrator.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise SpecError(f"sweep {ctx.spec.name!r} is already running from {ctx.output} ({holder}); wait for it, or "
+                        "stop it (Ctrl-C, kill) and run this again: it resumes") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    lock.flush()
+    try:
+        yield
+    finally:
+        lock.close()
+
+
+def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_failed: bool, live: bool | None,
+                      command: str | None) -> dict:
     fresh_store = not store_exists(ctx.tracking_uri)
     with ThreadPoolExecutor(1) as pool:
         # Creating an sqlite store runs MLflow's migrations (~8 s); a new store means every trial will run, so

@@ -530,3 +530,20 @@ def test_the_resume_line_tells_apart_trials_without_a_checkpoint(tmp_path):
                            f"{tmp_path / 'out' / 'checkpoints'}"), said
     assert resume_message(ctx, Plan(reason={first: RESUME})) == ("sweep 'smoke': 1 interrupted trial(s) resume "
                                                                   "from their checkpoints")
+
+
+def test_a_second_orchestrator_of_the_same_sweep_is_refused(tmp_path):
+    """Both ran every trial; the copies stopped as 'superseded' and both views reported them failed."""
+    spec = smoke_spec(tmp_path)
+    first = sweep(tmp_path, spec)
+    lock = tmp_path / "runs" / "sweeps" / "smoke" / ".orchestrator.lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and lock.read_text().startswith("pid")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    second = sweep(tmp_path, spec)
+    said = second.communicate(timeout=120)[0]
+    assert second.returncode == 2, said
+    assert f"sweep 'smoke' is already running from {tmp_path / 'runs' / 'sweeps' / 'smoke'} (pid {first.pid}" in said
+    finish(first)
+    again = finish(sweep(tmp_path, spec))  # the lock went with the first process
+    assert "4 skipped" in again
