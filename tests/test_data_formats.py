@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_data_helpers import (CLASSES, cifar_pickles, jpeg_folder, known_image, png_folder,  # noqa: F401
-                               write_image_folder, write_tar_gz)
+                               write_cifar_pickles, write_image_folder, write_tar_gz)
 
 from resnet_core.data import DataConfig, SyntheticConfig, build_loader, load_split
 from resnet_core.data.formats import open_dataset, stratified_order
@@ -30,6 +30,14 @@ def test_cifar_pickles_counts_label_names_and_known_pixel(cifar_pickles, tmp_pat
         assert np.array_equal(images[37], known_image(7, 37))
     test_images, test_labels, _ = load_split(cfg_for(cifar_pickles, tmp_path), "test")
     assert len(test_images) == 30 and test_labels[:3].tolist() == [0, 1, 2]
+
+
+def test_cifar_pickles_saved_from_python_3_with_str_keys_read_the_same(cifar_pickles, tmp_path):
+    """A subset a user pickled from Python 3 ({"data": ..., "labels": ...}) was "not a CIFAR-10 pickle batch"."""
+    str_keyed = write_cifar_pickles(tmp_path / "py3" / "cifar-10-batches-py", key=str)
+    images, labels, names = load_split(cfg_for(str_keyed, tmp_path), "train")
+    want_images, want_labels, want_names = load_split(cfg_for(cifar_pickles, tmp_path / "b"), "train")
+    assert np.array_equal(images, want_images) and np.array_equal(labels, want_labels) and names == want_names
 
 
 def test_image_folder_png_labels_follow_sorted_class_names(png_folder, tmp_path):

@@ -42,8 +42,10 @@ def write_image_folder(root: Path, per_class: dict[str, int], suffix: str = ".pn
     return root
 
 
-def write_cifar_pickles(folder: Path, per_batch: int = 30) -> Path:
-    """torchvision's cifar-10-batches-py layout with small batches; labels cycle 0..9, pixel (0,0) known."""
+def write_cifar_pickles(folder: Path, per_batch: int = 30, key=str.encode) -> Path:
+    """torchvision's cifar-10-batches-py layout with small batches; labels cycle 0..9, pixel (0,0) known.
+    ``key``: bytes keys (as the original files read with encoding="bytes"), or ``str`` (a subset saved from
+    Python 3)."""
     folder.mkdir(parents=True)
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     for name, offset in [(f"data_batch_{i}", (i - 1) * per_batch) for i in range(1, 6)] + [("test_batch", 0)]:
@@ -51,9 +53,9 @@ def write_cifar_pickles(folder: Path, per_batch: int = 30) -> Path:
         hwc = np.stack([known_image(label, offset + j) for j, label in enumerate(labels)])
         rows = hwc.transpose(0, 3, 1, 2).reshape(per_batch, 3072)  # CIFAR rows are CHW-flattened
         with open(folder / name, "wb") as f:
-            pickle.dump({b"data": rows, b"labels": labels, b"batch_label": name.encode()}, f)
+            pickle.dump({key("data"): rows, key("labels"): labels, key("batch_label"): name.encode()}, f)
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({b"label_names": [n.encode() for n in names], b"num_cases_per_batch": per_batch}, f)
+        pickle.dump({key("label_names"): [n.encode() for n in names], key("num_cases_per_batch"): per_batch}, f)
     return folder
 
 

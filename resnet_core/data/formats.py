@@ -224,10 +224,17 @@ def read_cifar_pickles(folder: Path) -> Dataset:
     meta = folder / "batches.meta"
     if meta.is_file():
         with open(meta, "rb") as f:
-            names = [n.decode() if isinstance(n, bytes) else n for n in pickle.load(f, encoding="bytes")[b"label_names"]]
+            names = [n.decode() if isinstance(n, bytes) else n for n in entry(pickle.load(f, encoding="latin1"),
+                                                                               "label_names")]
     else:
         names = [str(i) for i in range(int(splits["train"].labels.max()) + 1)]
     return Dataset(root=str(folder), kind="cifar-pickle", class_names=names, cifar_sized=True, splits=splits)
+
+
+def entry(batch: dict, key: str):
+    """``batch[key]``: the original (Python 2) files read as str keys; a subset saved from Python 3 may hold
+    str or bytes keys."""
+    return batch[key] if key in batch else batch[key.encode()]
 
 
 def _read_batches(folder: Path, names: list[str]) -> SourceSplit:
@@ -238,9 +245,9 @@ def _read_batches(folder: Path, names: list[str]) -> SourceSplit:
             raise FileNotFoundError(f"{file}: missing from the CIFAR-10 folder (expected {', '.join(names)})")
         try:
             with open(file, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")
-            images.append(np.asarray(batch[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-            labels.append(np.asarray(batch[b"labels"], np.int64))
+                batch = pickle.load(f, encoding="latin1")  # as torchvision: Python 2's byte strings become str
+            images.append(np.asarray(entry(batch, "data"), np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+            labels.append(np.asarray(entry(batch, "labels"), np.int64))
         except (pickle.UnpicklingError, EOFError, KeyError, ValueError) as err:
             raise DataError(f"{file}: not a CIFAR-10 pickle batch ({type(err).__name__}: {err})") from None
     return SourceSplit(labels=np.concatenate(labels), images=np.ascontiguousarray(np.concatenate(images)))
