@@ -21,6 +21,7 @@ class Plan:
     reason: dict[str, str] = field(default_factory=dict)   # trial key -> DONE / RESUME / RETRY / NEW / ...
     run_ids: dict[str, str] = field(default_factory=dict)  # trial key -> existing MLflow run id
     foreign: int = 0  # trial runs of this experiment that are no trial of this plan (the spec was edited)
+    results: dict[str, dict[str, float]] = field(default_factory=dict)  # trial key -> a finished run's metrics
 
     def count(self, reason: str) -> int:
         return sum(1 for r in self.reason.values() if r == reason)
@@ -56,6 +57,8 @@ class Ledger:
                 reason = (STOPPED if stopped else DONE if status == "FINISHED" else
                           (RETRY if retry_failed else SKIP_FAILED) if status == "FAILED" else RESUME)
             plan.reason[trial.key] = reason
+            if reason == DONE:
+                plan.results[trial.key] = dict(run.data.metrics)
             if reason in (NEW, RESUME, RETRY):
                 plan.to_run.append(trial)
         plan.foreign = len(runs.keys() - plan.reason.keys())

@@ -22,13 +22,13 @@ class TrialView:
 
 
 class SweepProgress:
-    def __init__(self, name: str, trials: list[Trial], skipped: dict[str, str], metric: str = "test_error",
-                 live: bool | None = None):
+    def __init__(self, name: str, trials: list[Trial], skipped: dict[str, tuple[str, dict]],
+                 metric: str = "test_error", live: bool | None = None):
+        """``skipped``: key -> (label, info) of the trials this call does not run; info holds the ledger's
+        "reason" and, for a finished trial, its final metrics."""
         self.name, self.metric = name, metric
         self.trials = {t.key: TrialView(t.label) for t in trials}
-        for key, reason in skipped.items():
-            self.trials.setdefault(key, TrialView(key[:8])).state = "skipped"
-            self.trials[key].info["reason"] = reason
+        self.trials.update({key: TrialView(label, "skipped", dict(info)) for key, (label, info) in skipped.items()})
         self.started = time.monotonic()
         self.live = sys.stdout.isatty() if live is None else live
         self._lock = threading.Lock()
@@ -72,9 +72,11 @@ class SweepProgress:
         return counts["pending"] + counts["running"]
 
     def best(self) -> tuple[str, float] | None:
-        """The best final metric of the finished trials (a running trial's latest value is no result yet)."""
-        scored = [(v.label, v.info[self.metric]) for v in self.trials.values()
-                  if v.state == "finished" and isinstance(v.info.get(self.metric), (int, float))]
+        """The best final metric of the finished trials, those an earlier call finished too (a running trial's
+        latest value is no result yet)."""
+        finished = (v for v in self.trials.values()
+                    if v.state == "finished" or (v.state == "skipped" and v.info.get("reason") == "finished"))
+        scored = [(v.label, v.info[self.metric]) for v in finished if isinstance(v.info.get(self.metric), (int, float))]
         return min(scored, key=lambda x: x[1]) if scored else None
 
     def eta_seconds(self) -> float | None:

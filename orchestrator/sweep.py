@@ -193,7 +193,10 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
     if plan.to_run and hasattr(backend, "start"):
         backend.start()  # an engine that refuses the sweep (no GPU here) does so before the plan is recorded
     ledger.record_plan(trials, command or ctx.spec_path)  # `orchestrate status` lists what has not started
-    skipped = {k: r for k, r in plan.reason.items() if k not in {t.key for t in plan.to_run}}
+    running = {t.key for t in plan.to_run}
+    # with a finished trial's metrics: the sweep's best may be one that finished in an earlier call
+    skipped = {t.key: (t.label, {"reason": plan.reason[t.key], **plan.results.get(t.key, {})})
+               for t in trials if t.key not in running}
     # "best so far" is chosen on held-out data when the trials have some (the test set is for the final word)
     held_out = trials and all(t.config.data.val_split for t in trials)
     metric = ctx.spec.scheduler.asha.metric if ctx.spec.scheduler.asha else "val_error" if held_out else "test_error"

@@ -63,6 +63,8 @@ def test_smoke_sweep_finishes_and_a_rerun_starts_nothing(tmp_path, capsys):
     assert "best val_error" in output, output[-2000:]  # the trials hold out a val split: not chosen on the test set
     again = finish(sweep(tmp_path, spec))
     assert "4 skipped" in again and "running" not in again
+    best = min(r.data.metrics["val_error"] for r in runs)  # of trials finished by the first call: it said none
+    assert f"best val_error {best:.4f} (model.plain=" in again, again[-2000:]
     assert len(trial_runs(tmp_path, "smoke")) == 4
     edited_base_is_announced(tmp_path, spec, capsys)
 
