@@ -47,6 +47,9 @@ class AshaConfig(Strict):
     def _grace_within_max_t(self) -> "AshaConfig":
         if self.max_t is not None and self.grace_period > self.max_t:
             raise ValueError(f"grace_period: {self.grace_period} epochs is more than max_t {self.max_t}")
+        if self.mode == "max" and self.metric.endswith(("_error", "_loss")):
+            raise ValueError(f"mode: max would keep the trials of highest {self.metric}, the worst; errors and "
+                             "losses are minimised (mode: min)")
         return self
 
 

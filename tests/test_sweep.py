@@ -326,6 +326,8 @@ MALFORMED = [
     ({"name": "x", "resources": {"time_limit": "2 hours"}}, "resources.time_limit"),
     ({"name": "x", "space": {"seed": [0, 1]}, "scheduler": {"asha": {"mode": "best"}}}, "scheduler.asha.mode"),
     ({"name": "x", "scheduler": {"hyperband": {}}}, "scheduler.hyperband: unknown key"),
+    ({"name": "x", "space": {"seed": [0, 1]}, "scheduler": {"asha": {"metric": "test_error", "mode": "max"}}},
+     "scheduler.asha.mode: max would keep the trials of highest test_error, the worst"),
     ({"name": "x", "cluster": "nowhere.yaml"}, "cluster: profile 'nowhere.yaml' not found"),
     ({"base": BASE}, "name: Field required"),
     ({"name": "a/b"}, "name: Value error, 'a/b'"),
