@@ -122,8 +122,12 @@ def top_runs(client, experiment, metric: str, k: int) -> list:
         hint = ("; its trials hold out no val split: set data.val_split (the paper's 5000) in the sweep, or rank by "
                 "--metric test_error (chosen on the test set: an optimistic ensemble)"
                 if metric.startswith("val_") and without else "")
+        stopped = sum(r.data.tags.get("early_stopped", "false").lower() == "true"
+                      for r in trial_runs(client, experiment.experiment_id))
+        if stopped:  # ASHA's: the user sees the sweep's trials and wonders where they went
+            note += f"; {stopped} stopped early by the scheduler are left out (half-trained)"
         raise UserError(f"--top {k}: sweep {experiment.name!r} has only {len(ranked)} finished trial runs "
-                        f"with metric {metric}{note}{hint}")
+                        f"with metric {metric}{note}{hint}" + (f"; try --top {len(ranked)}" if ranked else ""))
     return ranked[:k]
 
 

@@ -158,6 +158,8 @@ def test_top_larger_than_the_finished_runs(smoke_sweep, capsys):
     assert main(["ensemble", "--top", "7", "--tracking-uri", smoke_sweep.uri, "--no-log"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "has only 6 finished trial runs with metric val_error" in err
+    # after an ASHA sweep the user counts the sweep's trials: where the missing ones went, and what to ask instead
+    assert "; 1 stopped early by the scheduler are left out (half-trained); try --top 6" in err, err
 
 
 def test_a_batch_size_below_one_is_refused_even_when_every_prediction_is_cached(smoke_sweep, tmp_path, capsys):
