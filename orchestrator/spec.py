@@ -245,7 +245,8 @@ def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise SpecError(f"{spec_path}: cluster: profile {spec.cluster!r} not found (looked in "
-                        f"{', '.join(str(c) for c in candidates)})")
+                        f"{', '.join(str(c) for c in candidates)}); a relative path is read from the spec's folder "
+                        "(a copied spec: give the profile's path, or --set cluster=null for a local Ray)")
     profile = read_yaml(found, SpecError) or {}
     if not isinstance(profile, dict):
         raise SpecError(f"{found}: a cluster profile must be a mapping")
