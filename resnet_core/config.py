@@ -254,6 +254,8 @@ def format_validation_error(err: ValidationError, root: type[BaseModel] | None =
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = f"unknown key; valid keys here: {', '.join(valid_keys_at(first['loc'][:-1], root))}"
+    elif first["type"] in ("tuple_type", "list_type") and isinstance(first.get("input"), str):
+        message += f" (a list is written [a, b], e.g. [{first['input']}])"  # --set schedule.milestones=100,150
     field_prefix = re.match(r"^([a-z_]+): (.*)$", message, re.S)
     if key and field_prefix:  # a section's own check names its field: fold it into the dotted key
         key, message = f"{key}.{field_prefix.group(1)}", field_prefix.group(2)

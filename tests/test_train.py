@@ -263,6 +263,8 @@ def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     # tiny_config names resnet_cifar; these name a pinned model: it built the override, labelled with the name
     ("model.name=resnet56", "model.depth: 8 contradicts model.name resnet56 (56 layers)"),
     ("model.name=plain8", "model.name: unknown model 'plain8'"),
+    ("schedule.milestones=30,35", "schedule.milestones: Input should be a valid tuple (a list is written [a, b], "
+                                  "e.g. [30,35])"),
     # was 2 minutes of MLflow's retries, then a 130-line traceback
     ("tracking.uri=http://127.0.0.1:9", "tracking URI http://127.0.0.1:9: no tracking server answers there"),
 ])
