@@ -370,13 +370,23 @@ def announce_start(key: str, folder: Path, state: dict[str, Any] | None, total: 
               f"run {tracker.run_id}, which keeps its points up to step {tracker.last_logged_step()}", flush=True)
 
 
+def config_as_run(cfg: TrainConfig) -> dict[str, Any]:
+    """The resolved config, with the data path this run read made absolute: ensemble reads the members' data from
+    it, and a relative path meant another folder (or nothing) from wherever `orchestrate ensemble` ran."""
+    tree = cfg.model_dump(mode="json")
+    if cfg.data.path != "synthetic" and not Path(cfg.data.path).expanduser().is_absolute():
+        from .data.formats import resolve_path
+        tree["data"]["path"] = str(resolve_path(cfg.data.path, cfg.data.download))
+    return tree
+
+
 def log_trial_artifacts(tracker: Tracker, cfg: TrainConfig, state_dict: dict[str, torch.Tensor],
                         num_classes: int) -> None:
     """The resolved config, the final weights (loadable with weights_only=True) and every metric point."""
     tracker.flush()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        (tmp / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (tmp / "config.yaml").write_text(yaml.safe_dump(config_as_run(cfg), sort_keys=False))
         torch.save({"model_name": cfg.model.name, "model_overrides": cfg.model.overrides(),
                     "num_classes": num_classes, "state_dict": {k: v.cpu() for k, v in state_dict.items()}},
                    tmp / "model.pt")

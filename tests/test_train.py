@@ -573,3 +573,17 @@ def test_orchestrate_train_shows_each_evaluation_and_warns_of_milestones_past_th
     assert [line.split("] ", 1)[1].split("  test_error")[0] for line in lines] == [
         f"trial {key}  epoch 1  iteration 16/40", f"trial {key}  epoch 2  iteration 32/40",
         f"trial {key}  epoch 3  iteration 40/40"], proc.stderr
+
+
+def test_the_runs_config_names_the_data_it_read_by_its_absolute_path(tmp_path, monkeypatch):
+    """ensemble reads its members' data from config.yaml: a relative path meant another folder, or nothing, from
+    wherever `orchestrate ensemble` ran."""
+    from test_data_helpers import write_image_folder
+    write_image_folder(tmp_path / "pngs", {"train": 8, "test": 4})
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config(tmp_path, data={"path": "pngs", "augment": False, "loader": "gpu"},
+                      batch_size=8, schedule={"total": 3, "milestones": [2]})
+    result = train(cfg)
+    assert result["status"] == "FINISHED"
+    folder = MlflowClient(cfg["tracking"]["uri"]).download_artifacts(result["run_id"], "config.yaml", str(tmp_path))
+    assert yaml.safe_load(Path(folder).read_text())["data"]["path"] == str(tmp_path / "pngs")
