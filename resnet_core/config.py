@@ -68,6 +68,17 @@ class WarmupConfig(Section):
     length: int = Field(0, ge=0, description="warm-up length in schedule units (0: only until_train_error ends it)")
     until_train_error: float | None = Field(None, gt=0, le=1, description="end warm-up once train error < this")
 
+    @model_validator(mode="after")
+    def _has_an_end(self) -> "WarmupConfig":
+        """Settings that silently did nothing (no length, no error target: no warm-up at all) or something else
+        (a linear ramp with no length was a constant lr)."""
+        if self.kind == "constant" and not self.length and self.until_train_error is None:
+            raise ValueError("kind: constant warm-up needs a length or until_train_error to end it")
+        if self.kind == "linear" and not self.length:
+            raise ValueError("kind: linear warm-up ramps over its length: set length (until_train_error may end "
+                             "it earlier)")
+        return self
+
 
 class ScheduleConfig(Section):
     unit: Literal["iterations", "epochs"] = "iterations"
