@@ -14,6 +14,7 @@ every error is one line naming the key.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -172,6 +173,13 @@ def check_domain(key: str, domain: Any) -> None:
     if isinstance(domain, list):
         if not domain:
             raise ValueError(f"{where}: an empty grid makes no trials")
+        seen = set()
+        for value in domain:  # [0, 0] made half the trials asked for, unannounced (a trial runs once)
+            text = json.dumps(value, sort_keys=True)
+            if text in seen:
+                raise ValueError(f"{where}: {value!r} is listed twice; a trial runs once (num_samples repeats "
+                                 "sampled points, seeds are space.seed values)")
+            seen.add(text)
         return
     if not isinstance(domain, dict) or len(domain) != 1:
         raise ValueError(f"{where}: expected a list (grid) or one of {{{': [...], '.join(DISTRIBUTIONS)}: [...]}}")

@@ -310,6 +310,7 @@ MALFORMED = [
     ({"name": "x", "nmae": "y"}, "nmae: unknown key"),
     ({"name": "x", "num_samples": "many"}, "num_samples: Input should be a valid integer"),
     ({"name": "x", "space": {"optim.lr": []}}, "space.optim.lr: an empty grid"),
+    ({"name": "x", "space": {"seed": [0, 1, 0]}}, "space.seed: 0 is listed twice; a trial runs once"),
     ({"name": "x", "space": {"model.name": ["resnet21"]}}, "model.name: unknown model 'resnet21'"),
     ({"name": "x", "space": {"model.depth": [20, 21]}}, "model.depth: depth 21 is not 6n+2"),
     ({"name": "x", "backend": "slurm", "resources": {"gpus": 0.5, "nodes": 2}}, "cannot span 2 nodes"),
