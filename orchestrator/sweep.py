@@ -74,6 +74,11 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
     lines = [f"sweep {ctx.spec.name!r}: {len(trials)} trials on backend {ctx.spec.backend} "
              f"(each: {r.nodes} node(s), {r.gpus} GPU(s)/node, {r.cpus} CPU(s), time limit {r.time_limit})",
              f"tracking: {ctx.tracking_uri} (experiment {ctx.spec.name!r}); output: {ctx.output}"]
+    asha = ctx.spec.scheduler.asha
+    if asha:  # the estimate below is the no-stopping upper bound
+        lines.append(f"scheduler: ASHA on {asha.metric} ({asha.mode}), a trial may stop after {asha.grace_period} "
+                     f"epoch(s), 1/{asha.reduction_factor:g} go on at each rung, up to "
+                     f"{f'{asha.max_t} epochs' if asha.max_t else 'their full length'}")
     try:
         check_data_exists(ctx, trials)
     except SpecError as err:  # shown, not fatal: the compute nodes may see what this machine does not
@@ -104,6 +109,7 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
                   f"(one GPU's rate, bf16: CIFAR nets at the H100's CUDA-graph rates, their eager and compile "
                   f"steps ~{EAGER_SLOWDOWN:.1f}x slower; ImageNet nets at a published A100 rate"
                   f"{'; fused members counted as separate trials, an upper bound' if len(units) < len(trials) else ''}"
+                  f"{'; as if ASHA stopped none, an upper bound' if ctx.spec.scheduler.asha else ''}"
                   f"{'; this sweep asks for no GPU: what the trials would take on one' if not r.gpus else ''})",
               "dry run: nothing submitted, nothing logged"]
     return "\n".join(lines)

@@ -210,6 +210,7 @@ def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path, capsys):
     assert orchestrate(["sweep", str(spec), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0
     out = capsys.readouterr().out
     assert out.count("[stopped early]") == len(stopped) and out.count("[finished]") == 4 - len(stopped), out
+    assert "scheduler: ASHA on val_loss (min)" in out and "as if ASHA stopped none, an upper bound" in out, out
     assert "0.00 still to run" in out, out
 
 
