@@ -115,8 +115,6 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
     return "\n".join(lines)
 
 
-
-
 def mark_interrupted(ctx: SweepContext, progress: SweepProgress) -> None:
     """Runs of trials the stopped sweep was running end KILLED with the reason (a re-run resumes them): left
     RUNNING, the MLflow UI and `status` showed dead trials as running."""
