@@ -83,7 +83,7 @@ def resolve(ctx: SweepContext, overrides: dict[str, Any]) -> Trial:
     tree = json.loads(json.dumps(ctx.spec.base))
     for key, value in overrides.items():
         set_dotted(tree, key, value)
-    base = build_config(tree)  # validates; the key depends only on result-changing fields
+    base = build_config(tree, check_names=True)  # validates; the key depends only on result-changing fields
     key = trial_key(base)
     label = label_of(overrides)
     set_dotted(tree, "tracking.experiment", ctx.spec.name)

@@ -38,21 +38,6 @@ class ModelConfig(Section):
     bottleneck: bool | None = Field(None, description="CIFAR family only: 1x1-3x3-1x1 units (9n+2 depths)")
     zero_init_residual: bool = Field(False, description="off in the paper")
 
-    def check_name_agrees(self) -> None:
-        """A name that says its depth (resnet56) or plainness (plain20), given another: the net built followed the
-        override while the run, report and ensemble were labelled with the name. The default name may be
-        re-shaped (``--set model.depth=56`` on the default resnet20); a name the user wrote may not."""
-        if "name" not in self.model_fields_set:
-            return
-        pinned = re.search(r"(\d+)$", self.name)
-        if pinned and self.depth is not None and self.depth != int(pinned.group(1)):
-            raise ValueError(f"model.depth: {self.depth} contradicts model.name {self.name} ({pinned.group(1)} "
-                             "layers): name the model of that depth, or give any CIFAR depth to resnet_cifar or "
-                             "plain_cifar")
-        if self.name.startswith("plain") and self.plain is False:
-            raise ValueError(f"model.plain: false contradicts model.name {self.name}, a plain net; name its ResNet "
-                             f"twin ({self.name.replace('plain', 'resnet', 1)})")
-
     def overrides(self) -> dict[str, Any]:
         keys = ("depth", "shortcut", "plain", "unit", "bottleneck")
         out = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
@@ -200,7 +185,6 @@ class TrainConfig(Section):
     def _model_builds(self) -> "TrainConfig":
         if not is_model(self.model.name):
             raise ValueError(f"model.name: unknown model {self.model.name!r}; valid: {', '.join(list_models())}")
-        self.model.check_name_agrees()
         import torch
         try:
             with torch.device("meta"):  # validates depth/shortcut/unit without allocating anything
@@ -311,10 +295,31 @@ def read_yaml(path: Path, error: type[ValueError]):
         raise error(f"{path}{where}: not valid YAML ({what})") from None
 
 
-def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+def check_model_name_agrees(tree: dict) -> None:
+    """A name that says its depth (resnet56) or plainness (plain20), given another by the user: the net built
+    followed the override while run, report and ensemble were labelled with the name. Checked on what the user
+    wrote, not in TrainConfig: a resolved config always writes the name out (the default resnet20 too), so
+    ``--set model.depth=56`` on the default name would be refused when a worker reads it back."""
+    model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
+    name, depth, plain = model.get("name"), model.get("depth"), model.get("plain")
+    pinned = re.search(r"(\d+)$", name) if isinstance(name, str) else None
+    if pinned and isinstance(depth, int) and depth != int(pinned.group(1)):
+        raise ConfigError(f"config: model.depth: {depth} contradicts model.name {name} ({pinned.group(1)} layers): "
+                          "name the model of that depth, or give any CIFAR depth to resnet_cifar or plain_cifar")
+    if isinstance(name, str) and name.startswith("plain") and plain is False:
+        raise ConfigError(f"config: model.plain: false contradicts model.name {name}, a plain net; name its ResNet "
+                          f"twin ({name.replace('plain', 'resnet', 1)})")
+
+
+def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = (),
+                 check_names: bool = False) -> TrainConfig:
+    """``check_names``: the tree is what a user wrote (a file, --set, a sweep's base and space), not a resolved
+    config read back (see check_model_name_agrees)."""
     tree = json.loads(json.dumps(tree or {}))  # a deep copy we may write to
     for text in overrides:
         set_dotted(tree, *parse_override(text))
+    if check_names:
+        check_model_name_agrees(tree)
     try:
         return TrainConfig.model_validate(tree)
     except ValidationError as err:
@@ -333,7 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if {"space", "base"} & tree.keys() and "name" in tree:
             raise ConfigError(f"{path} is a sweep spec (name, base, space): run it with `orchestrate sweep {path}`")
     try:
-        return build_config(tree, overrides)
+        return build_config(tree, overrides, check_names=True)
     except ConfigError as err:
         if not str(err).startswith("config: "):
             raise
