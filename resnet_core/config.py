@@ -302,11 +302,13 @@ def check_model_name_agrees(tree: dict) -> None:
     ``--set model.depth=56`` on the default name would be refused when a worker reads it back."""
     model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
     name, depth, plain = model.get("name"), model.get("depth"), model.get("plain")
-    pinned = re.search(r"(\d+)$", name) if isinstance(name, str) else None
+    if not (isinstance(name, str) and is_model(name)):
+        return  # an unknown name: validation says so, with the valid ones
+    pinned = re.search(r"(\d+)$", name)
     if pinned and isinstance(depth, int) and depth != int(pinned.group(1)):
         raise ConfigError(f"config: model.depth: {depth} contradicts model.name {name} ({pinned.group(1)} layers): "
                           "name the model of that depth, or give any CIFAR depth to resnet_cifar or plain_cifar")
-    if isinstance(name, str) and name.startswith("plain") and plain is False:
+    if name.startswith("plain") and plain is False:
         raise ConfigError(f"config: model.plain: false contradicts model.name {name}, a plain net; name its ResNet "
                           f"twin ({name.replace('plain', 'resnet', 1)})")
 
