@@ -9,6 +9,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .ledger import DONE
 from .trials import Trial
 
 STATES = ("pending", "running", "finished", "failed", "interrupted", "stopped", "skipped")
@@ -75,7 +76,7 @@ class SweepProgress:
         """The best final metric of the finished trials, those an earlier call finished too (a running trial's
         latest value is no result yet)."""
         finished = (v for v in self.trials.values()
-                    if v.state == "finished" or (v.state == "skipped" and v.info.get("reason") == "finished"))
+                    if v.state == "finished" or (v.state == "skipped" and v.info.get("reason") == DONE))
         scored = [(v.label, v.info[self.metric]) for v in finished if isinstance(v.info.get(self.metric), (int, float))]
         return min(scored, key=lambda x: x[1]) if scored else None
 

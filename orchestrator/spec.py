@@ -187,7 +187,7 @@ def check_domain(key: str, domain: Any) -> None:
     if kind not in DISTRIBUTIONS:
         if key in TRIAL_SECTIONS:  # space: {optim: {lr: [...]}}, the nesting of base:
             raise ValueError(f"{where}: the space's keys are dotted config keys: write {key}.{kind}: [...] "
-                             "instead of nesting it under {key}:".replace("{key}", key))
+                             f"instead of nesting it under {key}:")
         raise ValueError(f"{where}: unknown distribution {kind!r}; valid: {', '.join(DISTRIBUTIONS)}")
     if kind == "choice":
         if not isinstance(args, list) or not args:
