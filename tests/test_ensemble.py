@@ -243,6 +243,11 @@ def test_status_counts_the_trials_of_each_sweep_and_lists_one(smoke_sweep, capsy
     out = capsys.readouterr().out
     assert "(8 trials)" in out and out.count("FINISHED") == 6 and "STOPPED (early)" in out
     assert all(run_id[:12] in out for run_id in smoke_sweep.finished)
+    # the final val_error, what `ensemble --top` ranks by, beside each finished run (only best_val_error was shown)
+    for result in smoke_sweep.results:
+        (row,) = [line for line in out.splitlines() if result["run_id"][:12] in line]
+        assert f"{result['val_error']:.4f}" in row.split("│")[6], row
+    assert "ensemble --top K` takes the K finished trials of lowest val_error" in " ".join(out.split())
 
 
 def test_status_counts_planned_trials_that_have_no_run_yet(tmp_path, capsys):

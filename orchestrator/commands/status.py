@@ -48,8 +48,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"no sweep named {args.sweep!r} in {uri}; sweeps there: {names or 'none'}")
     runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=50000,
                               order_by=["metrics.test_error ASC"])
-    table = Table(title=f"sweep {args.sweep} ({len(runs)} trials)")
-    for column in ("trial", "key", "status", "epoch", "test_error", "best_val_error", "run id", "note"):
+    # val_error: the final weights' error, what `ensemble --top K` ranks by; best_val_error: the best evaluation on
+    # the way (an ASHA-stopped trial's only fair figure)
+    table = Table(title=f"sweep {args.sweep} ({len(runs)} trials)",
+                  caption="`orchestrate ensemble --top K` takes the K finished trials of lowest val_error")
+    for column in ("trial", "key", "status", "epoch", "test_error", "val_error", "best_val_error", "run id", "note"):
         table.add_column(column)
     from orchestrator.ledger import PLANNED_KEY_LENGTH
     planned = planned_keys(exp)
@@ -60,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             note = "; ".join(filter(None, ["not a trial of the last sweep call's spec", note]))
         table.add_row(escape(tags.get("trial_overrides", "")), tags.get("trial_key", "")[:8], trial_state(r),
                       f"{m['epoch']:.0f}" if "epoch" in m else "", _fmt(m.get("test_error")),
-                      _fmt(m.get("best_val_error")), r.info.run_id[:12], escape(note))
+                      _fmt(m.get("val_error")), _fmt(m.get("best_val_error")), r.info.run_id[:12], escape(note))
     console().print(table)
     pending = not_started(exp, runs)
     if pending not in ("", "0"):
