@@ -98,15 +98,17 @@ def resolve(ctx: SweepContext, overrides: dict[str, Any]) -> Trial:
 def expand(ctx: SweepContext, check_data: bool = True) -> list[Trial]:
     """Every trial of the sweep, validated, duplicates (same key) removed, longest first. ``check_data=False``:
     a dry run on a login node may not see the data the compute nodes will."""
-    trials, seen = [], set()
+    trials, seen = [], {}
     for overrides in assignments(ctx.spec):
         try:
             trial = resolve(ctx, overrides)
         except ConfigError as err:
             raise SpecError(trial_error(ctx, overrides, str(err).removeprefix("config: "))) from None
-        if trial.key not in seen:
-            seen.add(trial.key)
-            trials.append(trial)
+        if trial.key in seen:  # a sampled point drawn again is the same trial; other values that are is an error
+            check_distinct(ctx, seen[trial.key].overrides, overrides, trial.key)
+            continue
+        seen[trial.key] = trial
+        trials.append(trial)
     if check_data:
         check_data_exists(ctx, trials)
     check_scheduler_metric(ctx, trials)
@@ -120,6 +122,17 @@ def trial_error(ctx: SweepContext, overrides: dict[str, Any], message: str) -> s
     if key in overrides:
         return blame(ctx.spec_path, ctx.sets, f"trial {label_of(overrides)}: {message}", key="space." + key)
     return blame(ctx.spec_path, ctx.sets, "base." + message)
+
+
+def check_distinct(ctx: SweepContext, first: dict[str, Any], second: dict[str, Any], key: str) -> None:
+    """Two space points that validate to one config ([0.1, "0.1"], [1, 1.0], [false, 0]) ran as one trial,
+    unannounced: the sweep had fewer trials than its grid promised."""
+    differing = [k for k in first if json.dumps(first[k]) != json.dumps(second[k])]
+    if differing:
+        k = differing[0]
+        raise SpecError(blame(ctx.spec_path, ctx.sets, f"space.{k}: {first[k]!r} and {second[k]!r} make the same trial "
+                              f"{key[:8]} (equal once validated, or a setting no result depends on); a trial runs "
+                              "once: keep one of them"))
 
 
 def check_data_exists(ctx: SweepContext, trials: list[Trial]) -> None:
