@@ -250,8 +250,12 @@ def mean_curve(client, run_ids: list[str], key: str) -> tuple[list[int], list[fl
     return steps, [100 * statistics.fmean(points[s]) for s in steps]
 
 
-def plot_curves(client, cells: list[Cell], path: Path, sweep: str) -> None:
-    """Fig. 6: dashed training error, solid test error; plain nets left, ResNets right; one colour per depth."""
+CURVE_SETTINGS = {"train_error": "tracking.log_every", "test_error": "eval.every_epochs"}
+
+
+def plot_curves(client, cells: list[Cell], path: Path, sweep: str, say=print) -> None:
+    """Fig. 6: dashed training error, solid test error; plain nets left, ResNets right; one colour per depth.
+    A curve of one point is drawn as a dot and said: a line through one point is invisible."""
     import matplotlib.pyplot as plt
     sides = [residual for residual in (False, True) if any((not is_plain(c.family)) == residual for c in cells)]
     fig, axes = plt.subplots(1, len(sides), figsize=(6 * len(sides), 4.5), sharey=True, squeeze=False)
@@ -261,8 +265,13 @@ def plot_curves(client, cells: list[Cell], path: Path, sweep: str) -> None:
         left_out = f" (best {drawn} of {total} by mean test error)" if drawn < total else ""
         for i, cell in enumerate(side):
             colour = colours[i % len(colours)]
-            ax.plot(*mean_curve(client, cell.runs, "train_error"), linestyle="--", linewidth=1, color=colour)
-            ax.plot(*mean_curve(client, cell.runs, "test_error"), linewidth=2, color=colour, label=cell.label)
+            for key, style in (("train_error", {"linestyle": "--", "linewidth": 1}),
+                               ("test_error", {"linewidth": 2, "label": cell.label})):
+                steps, errors = mean_curve(client, cell.runs, key)
+                if len(steps) < 2:
+                    say(f"{path.name}: {cell.label}'s {key} has {len(steps)} logged point(s), no curve; "
+                        f"{CURVE_SETTINGS[key]} below the run's length gives one")
+                ax.plot(steps, errors, color=colour, marker="o" if len(steps) == 1 else None, **style)
         ax.set_title(("ResNets" if residual else "plain networks") + left_out)
         ax.set_xlabel("iterations")
         ax.grid(alpha=0.3)
@@ -313,7 +322,7 @@ def write_report(client, experiment, out: Path, say=print) -> tuple[list[Cell], 
     paths = {name: out / name for name in FILES}
     paths["table6.md"].write_text(table6_markdown(cells, experiment.name, not_counted(client, experiment)))
     paths["table6.json"].write_text(table6_json(cells, experiment.name))
-    plot_curves(client, cells, paths["fig6_curves.png"], experiment.name)
+    plot_curves(client, cells, paths["fig6_curves.png"], experiment.name, say)
     plot_error_vs_depth(cells, paths["error_vs_depth.png"], experiment.name)
     return cells, paths
 

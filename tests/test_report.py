@@ -275,3 +275,24 @@ def test_fig6_of_a_sweep_without_plain_nets_has_no_empty_plain_panel(smoke_sweep
         plot_curves(client, chosen, tmp_path / f"{name}.png", "smoke")
         widths[name] = matplotlib.image.imread(tmp_path / f"{name}.png").shape[1]
     assert widths["resnets"] == widths["both"] // 2  # one panel of the two
+
+
+def test_a_curve_of_one_logged_point_is_a_dot_and_is_said(tmp_path, monkeypatch):
+    """tracking.log_every >= the run's length logs train_error once: its dashed line was invisible, unannounced."""
+    import matplotlib.pyplot as plt
+    from orchestrator.report import Cell, plot_curves
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    experiment = client.create_experiment("short", artifact_location=(tmp_path / "a").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.log_metric(run_id, "train_error", 0.5, step=30)
+    for step in (10, 20, 30):
+        client.log_metric(run_id, "test_error", 0.6 - step / 100, step=step)
+    figures, said = [], []
+    monkeypatch.setattr(plt, "close", figures.append)
+    plot_curves(client, [Cell("ResNet", 8, "ResNet-8", None, [0.3], [run_id])], tmp_path / "c.png", "short",
+                said.append)
+    assert said == ["c.png: ResNet-8's train_error has 1 logged point(s), no curve; tracking.log_every below the "
+                    "run's length gives one"]
+    train, test = figures[0].axes[0].get_lines()
+    assert (train.get_marker(), list(train.get_xdata())) == ("o", [30])
+    assert test.get_marker() in (None, "None") and list(test.get_xdata()) == [10, 20, 30]
