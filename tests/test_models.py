@@ -38,6 +38,16 @@ def test_multiply_adds_within_5_percent_of_table1(name, gmacs):
     assert got == pytest.approx(gmacs, rel=0.05), f"{name}: {got:.2f}G vs Table 1 {gmacs}G"
 
 
+def test_counting_a_model_leaves_it_as_it_was():
+    """The count skips batch norms on a meta copy: the model counted must still normalise and keep its mode."""
+    torch.manual_seed(0)
+    model, x = create_model("resnet20").train(), torch.randn(4, 3, 32, 32)
+    expected = model(x)
+    assert count_multiply_adds(model) == count_multiply_adds(meta_model("resnet20"))
+    assert model.training and torch.allclose(model(x), expected)
+    assert count_multiply_adds(meta_model("resnet20")) == count_multiply_adds(meta_model("resnet20"))
+
+
 @pytest.mark.parametrize("depth", CIFAR_DEPTHS)
 def test_plain_twin_has_exactly_the_resnets_parameters_under_option_a(depth):
     assert count_parameters(meta_model(f"plain{depth}")) == count_parameters(meta_model(f"resnet{depth}"))
