@@ -16,8 +16,8 @@ import yaml
 from orchestrator.backends.slurm import SlurmBackend
 from orchestrator.spec import SpecError, load_spec
 from orchestrator.sweep import prepare
-from test_sweep_slurm import (LOCAL, SMOKE, cancel_first_job, first_job_id, one_long_trial, orchestrate, runs,
-                              spec_file, start_until_epoch_2)
+from test_sweep_slurm import (LOCAL, SMOKE, cancel_first_job, first_job_id, iter_until, one_long_trial, orchestrate,
+                              runs, spec_file, start_until_epoch_2)
 
 
 def profile_file(tmp_path: Path, **slurm) -> str:
@@ -205,3 +205,28 @@ def test_sbatch_refusing_an_asha_sweeps_jobs_is_one_line(slurm_cluster, tmp_path
     assert rc == 2 and "Traceback" not in out, out
     line, = error_lines(out)
     assert "sbatch refused the jobs: Invalid partition name specified" in line and "profile.yaml" in line, out
+
+
+def test_an_asha_trial_whose_job_is_stopped_is_one_line_not_a_traceback(slurm_cluster, tmp_path):
+    """With ASHA the trial's Ray relay saw its job end without the worker's final word and raised: Tune printed
+    the relay's traceback. Now the view says it as without ASHA (job N CANCELLED: its checkpoint is kept)."""
+    spec, uri = one_long_trial(tmp_path, 600)
+    tree = yaml.safe_load(spec.read_text())
+    tree.update(name="smoke-asha", space={"optim.lr": [0.1, 0.05]}, max_concurrent=2,
+                scheduler={"asha": {"metric": "val_loss", "grace_period": 50, "reduction_factor": 2}})
+    spec.write_text(yaml.safe_dump(tree))
+    proc, _, first = start_until_epoch_2(slurm_cluster, tmp_path, spec, uri)
+    try:
+        # both jobs running (a pending job ignores scancel --signal): one job per trial under ASHA
+        next(iter_until(lambda: len(list((tmp_path / "out" / "reports").glob("*.jsonl"))) == 2, 120))
+        jobs = {p.name.split("_")[0] for p in (tmp_path / "out" / "slurm").glob("*/*_submission.sh")}
+        slurm_cluster.run("scancel", "--signal=TERM", *jobs)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "Traceback" not in out and "RuntimeError" not in out, out
+    assert re.search(r"interrupted optim.lr=0.1 .* reason=job \d+ stopped by a signal \(exit 3\): its checkpoint is "
+                     "kept", out), out
+    assert proc.returncode == 1 and "2 interrupted" in out, out
+    assert "run the same command again to resume them" in out, out

@@ -284,9 +284,10 @@ class EventsCallback(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         key = result.get("trial_key") or trial.config["trial"]["key"]
         if "trial_status" in result:  # a trial's own end (a fused group reports one per member)
-            failed = result["trial_status"] != "FINISHED"  # a diverged trial: the view says why, like status does
-            self.events.update(key, "failed" if failed else "finished", **final_metrics(result),
-                               **({"reason": result.get("reason", "")} if failed else {}))
+            # FAILED (a diverged trial) and INTERRUPTED (a SLURM job stopped under ASHA's relay) say why
+            state = {"FINISHED": "finished", "INTERRUPTED": "interrupted"}.get(result["trial_status"], "failed")
+            self.events.update(key, state, **final_metrics(result),
+                               **({"reason": result.get("reason", "")} if state != "finished" else {}))
             return
         metrics = {k: result[k] for k in ("epoch", "val_error", "test_error") if k in result}
         self.events.update(key, "running", **metrics)

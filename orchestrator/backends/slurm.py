@@ -599,15 +599,13 @@ def relay_trial(config: dict[str, Any]) -> None:
             # squeue too once sacct says the job ended, or each time with no sacct to say it
             ended = no_sacct or job.watcher.is_done(job.job_id, mode="cache")
             if ended and job_over(job, queue_states([job.job_id])):
-                state, info = outcome(job, tail.latest())
-                final = {"status": "FINISHED" if state == "finished" else "FAILED", **info}
-                if state in ("failed", "interrupted") and "reason" in info and not tail.latest().get("status"):
-                    raise RuntimeError(info["reason"])
+                state, info = outcome(job, tail.latest())  # ended without the worker's final word: said,
+                final = {"status": state.upper(), **info}   # as without ASHA (a raise here was Tune's traceback)
         if final is None:
             time.sleep(0.5)
     tune.report({"trial_status": final["status"], "trial_key": p["key"], "run_id": final.get("run_id"),
-                 "slurm_job_id": job.job_id, **pick(final, RESULT_KEYS + ("val_loss", "test_loss")),
-                 **_metric_placeholder(final)})
+                 "slurm_job_id": job.job_id, "reason": final.get("reason", ""),
+                 **pick(final, RESULT_KEYS + ("val_loss", "test_loss")), **_metric_placeholder(final)})
 
 
 def _metric_placeholder(final: dict[str, Any]) -> dict[str, float]:
