@@ -19,13 +19,14 @@ class LRSchedule:
         self.warmup_length = cfg.warmup.length * scale
 
     def in_warmup(self, iteration: int, warmup_ended: bool) -> bool:
-        """Warm-up lasts ``length`` iterations, or (``until_train_error``) until the caller says it ended."""
+        """Warm-up lasts ``length`` iterations; ``until_train_error`` may end it earlier (the caller says when),
+        and with no length it alone ends it (the paper's ResNet-110 recipe)."""
         warmup = self.cfg.warmup
         if warmup.kind == "none" or warmup_ended:
             return False
-        if warmup.until_train_error is not None:
-            return True
-        return iteration < self.warmup_length
+        if not self.warmup_length:
+            return warmup.until_train_error is not None
+        return iteration < self.warmup_length  # past its length a linear ramp rose above the base lr
 
     def __call__(self, iteration: int, warmup_ended: bool = False) -> float:
         warmup = self.cfg.warmup

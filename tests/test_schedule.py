@@ -1,0 +1,44 @@
+"""The learning rate as a function of the iteration: the paper's recipe (Sec. 4.2) and the warm-ups."""
+from __future__ import annotations
+
+import pytest
+
+from resnet_core.config import ScheduleConfig
+from resnet_core.schedule import LRSchedule
+
+
+def schedule(**cfg) -> LRSchedule:
+    return LRSchedule(ScheduleConfig(**cfg), base_lr=0.1, iterations_per_epoch=10)
+
+
+def test_the_papers_cifar_steps():
+    """0.1, divided by 10 at 32k and 48k iterations, over 64k."""
+    lr = schedule()
+    assert [lr(i) for i in (0, 31999, 32000, 47999, 48000, 63999)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_resnet110_warms_up_at_001_until_the_caller_says_the_error_fell():
+    lr = schedule(warmup={"kind": "constant", "lr": 0.01, "until_train_error": 0.8})
+    assert lr(0) == lr(5000) == 0.01  # however long it takes
+    assert lr(400, warmup_ended=True) == 0.1
+
+
+@pytest.mark.parametrize("kind", ["linear", "constant"])
+def test_a_warm_up_with_a_length_and_an_error_target_ends_at_its_length_at_the_latest(kind):
+    """It ran on until the target: a linear ramp reached 0.46 at iteration 500 with a base lr of 0.1."""
+    lr = schedule(total=1000, milestones=[800], warmup={"kind": kind, "lr": 0.01, "length": 100,
+                                                         "until_train_error": 0.5})
+    assert all(lr(i) <= 0.1 + 1e-12 for i in range(1000))
+    assert lr(100) == lr(500) == 0.1 and lr(50, warmup_ended=True) == 0.1
+    assert lr(50) == pytest.approx(0.055 if kind == "linear" else 0.01)
+
+
+def test_epochs_scale_milestones_and_warm_up():
+    lr = schedule(unit="epochs", total=10, milestones=[5], warmup={"kind": "linear", "lr": 0.01, "length": 2})
+    assert [lr(i) for i in (0, 10, 20, 49, 50)] == pytest.approx([0.01, 0.055, 0.1, 0.1, 0.01])
+
+
+def test_cosine_starts_after_the_warm_up_and_ends_at_zero():
+    lr = schedule(kind="cosine", total=110, warmup={"kind": "linear", "lr": 0.01, "length": 10})
+    assert lr(10) == pytest.approx(0.1) and lr(60) == pytest.approx(0.05) and lr(110) == pytest.approx(0.0)
