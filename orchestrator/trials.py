@@ -188,9 +188,9 @@ def fuse(ctx: SweepContext, trials: list[Trial]) -> list[Trial | FusedGroup]:
     size = ctx.spec.fuse
     if size <= 1:
         return list(trials)
-    by_key: dict[str, list[Trial]] = {}
-    for trial in trials:
-        by_key.setdefault(fusion_key(trial.config), []).append(trial)
+    by_key: dict[tuple[str, int], list[Trial]] = {}
+    for trial in trials:  # members start at one iteration (a re-run regroups what is left: see resume_iteration)
+        by_key.setdefault((fusion_key(trial.config), resume_iteration(trial)), []).append(trial)
     units: list[Trial | FusedGroup] = []
     for group in by_key.values():
         for start in range(0, len(group), size):
@@ -205,6 +205,16 @@ def fuse(ctx: SweepContext, trials: list[Trial]) -> list[Trial | FusedGroup]:
             units.append(FusedGroup(tuple(chunk)))
     order = {t.key: i for i, t in enumerate(trials)}
     return sorted(units, key=lambda u: order[(u.members[0] if isinstance(u, FusedGroup) else u).key])
+
+
+def resume_iteration(trial: Trial) -> int:
+    """The iteration a trial resumes at: its newest checkpoint's, by name (a fused group's members must share it;
+    a corrupt newest file, found only on loading, can still split them: the group then fails with the reason)."""
+    from resnet_core.checkpoint import NAME, checkpoint_files
+    if not trial.config.checkpoint.resume:
+        return 0
+    newest = checkpoint_files(Path(trial.config.checkpoint.root) / trial.key)[:1]
+    return int(NAME.match(newest[0].name).group(1)) if newest else 0
 
 
 GPU_MEMORY_HEADROOM = 0.9  # leave 10% of the card for fragmentation and what the estimate misses

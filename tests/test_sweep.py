@@ -556,3 +556,20 @@ def test_a_second_orchestrator_of_the_same_sweep_is_refused(tmp_path):
     finish(first)
     again = finish(sweep(tmp_path, spec))  # the lock went with the first process
     assert "4 skipped" in again
+
+
+def test_fused_groups_are_made_of_trials_that_resume_at_one_iteration(tmp_path):
+    """A re-run regroups the trials still to run (a member diverged and is skipped, or fuse changed): members
+    checkpointed at other iterations made one group, and every attempt of it failed on 'different iterations'."""
+    from orchestrator.trials import FusedGroup, fuse
+    from orchestrator.sweep import prepare
+    ctx, trials = prepare(str(REPO / "sweeps" / "smoke_fused.yaml"), output=str(tmp_path / "out"),
+                          tracking_uri=f"sqlite:///{tmp_path}/m.db")
+    resnets = [t for t in trials if not t.config.model.plain]
+    for trial, iteration in zip(resnets, (10, 20, 10)):  # the fourth has no checkpoint: it starts at 0
+        folder = Path(trial.config.checkpoint.root) / trial.key
+        folder.mkdir(parents=True)
+        (folder / f"ckpt-{iteration:09d}-{'0' * 16}.pt").write_bytes(b"")
+    units = fuse(ctx, resnets)
+    groups = sorted(([t.key for t in u.members] if isinstance(u, FusedGroup) else [u.key] for u in units), key=len)
+    assert groups == [[resnets[1].key], [resnets[3].key], [resnets[0].key, resnets[2].key]]
