@@ -164,7 +164,7 @@ GRAPH_STEPS = ("graph", "compile_graph")  # the step modes that capture the whol
 
 
 class TrainConfig(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seeds the weights and the data order (numpy wants it >= 0)")
     batch_size: int = Field(128, ge=1, description="global batch; each of W ranks takes batch_size / W")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")

@@ -252,6 +252,8 @@ def test_non_finite_loss_fails_the_trial_with_the_reason(tmp_path):
     ("model.depth=21", "model.depth: depth 21 is not 6n+2"),
     ("model.shortcut=D", "model.shortcut:"),
     ("schedule.warmup.kind=slow", "schedule.warmup.kind:"),
+    ("seed=-1", "seed: Input should be greater than or equal to 0"),  # numpy's traceback, after the run opened
+    ("data.synthetic.seed=-1", "data.synthetic.seed: Input should be greater than or equal to 0"),
     ("schedule.warmup.kind=linear", "schedule.warmup.kind: linear warm-up ramps over its length"),  # was constant
     ("schedule.warmup.kind=constant", "schedule.warmup.kind: constant warm-up needs a length or until_train_error"),
     ("tracking.uri=mlruns.db", "tracking.uri: tracking URI 'mlruns.db' has no scheme: sqlite:///mlruns.db is"),

@@ -24,7 +24,7 @@ class SyntheticConfig(BaseModel):
     image_size: int = Field(32, ge=8, description="side of the square RGB images, pixels")
     train_size: int = Field(512, ge=1, description="images in the train split")
     test_size: int = Field(128, ge=1, description="images in the test split")
-    seed: int = Field(0, description="seed of the pixels (not of the training order)")
+    seed: int = Field(0, ge=0, description="seed of the pixels (not of the training order)")
 
 
 class DataConfig(BaseModel):
