@@ -32,7 +32,7 @@ from .distributed import DistEnv
 from .models import create_model
 from .schedule import LRSchedule
 from .steps import build_step
-from .tracking import Tracker, check_store_usable, environment_tags, flatten
+from .tracking import Tracker, check_store_usable, environment_tags, flatten, tracking_uri
 
 Report = Callable[[dict[str, Any]], None]
 # A launcher that runs the worker as a child process (torchrun inside a Ray trial) reads reports from this file.
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train
     try:
         cfg = load_config(args.config, args.set)
         if probe_store and cfg.tracking.enabled:
-            check_store_usable(cfg.tracking.uri)  # else minutes of MLflow's retries, then a 130-line traceback
+            check_store_usable(tracking_uri(cfg.tracking.uri))  # else minutes of retries, a 130-line traceback
         warn_about_the_schedule(cfg)
         result = train(cfg, report)
     except (ConfigError, DataError, FileNotFoundError) as err:  # the input's fault: one line, no traceback

@@ -282,6 +282,22 @@ def test_bad_config_is_one_line_naming_the_key_and_logs_nothing(tmp_path, overri
     assert not (tmp_path / "mlruns.db").exists()
 
 
+@pytest.mark.parametrize("env_uri", [False, True])
+def test_train_without_a_tracking_uri_uses_the_environments_or_the_default_store(tmp_path, env_uri):
+    """The store check ran on tracking.uri before its fallback ($MLFLOW_TRACKING_URI, else sqlite:///mlruns.db):
+    the README's `orchestrate train configs/...` crashed with an AttributeError traceback."""
+    cfg = tiny_config(tmp_path, schedule={"total": 4, "milestones": [3]})
+    del cfg["tracking"]["uri"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    if env_uri:
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path}/from-env.db"
+    proc = subprocess.run([BIN / "orchestrate", "train", write_config(tmp_path, cfg)], capture_output=True,
+                          text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    store = tmp_path / ("from-env.db" if env_uri else "mlruns.db")
+    assert len(runs_of({"tracking": {"uri": f"sqlite:///{store}", "experiment": "worker"}})) == 1
+
+
 def test_a_model_name_and_a_setting_that_contradicts_it_are_refused():
     assert build_config({"model": {"name": "resnet56", "depth": 56}}, check_names=True).model.depth == 56  # agree
     with pytest.raises(ConfigError, match="model.plain: false contradicts model.name plain20, a plain net"):
