@@ -62,6 +62,18 @@ def store_exists(uri: str) -> bool:
     return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
 
 
+def schedule_warning_lines(trials: list[Trial]) -> list[str]:
+    """resnet_core.schedule's warnings, once each, with the trials they concern when not all."""
+    from resnet_core.schedule import schedule_warnings
+    concerned: dict[str, list[str]] = {}
+    for trial in trials:
+        for warning in schedule_warnings(trial.config):
+            concerned.setdefault(warning, []).append(trial.label)
+    return [f"warning: {warning}" if len(labels) == len(trials) else
+            f"warning: {len(labels)} trial(s) ({labels[0]}{', ...' if len(labels) > 1 else ''}): {warning}"
+            for warning, labels in concerned.items()]
+
+
 def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) -> str:
     """Every trial, its resources and exact launch, and the GPU-hour estimate; touches no store, no queue."""
     backend = get_backend(ctx.spec.backend)(ctx)
@@ -85,6 +97,7 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
         lines.append(f"warning: {err} (here; a real run stops on it)")
     if foreign:
         lines.append("warning: " + foreign_runs_message(ctx, foreign))
+    lines += schedule_warning_lines(trials)
     units = fuse(ctx, trials)
     memory = gpu_memory_plan(ctx, units)
     if memory:
@@ -209,6 +222,8 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
         progress.log(resume_message(ctx, plan))
     if plan.foreign:
         progress.log("warning: " + foreign_runs_message(ctx, plan.foreign))
+    for line in schedule_warning_lines(plan.to_run):  # a worker's own warning never reaches this console
+        progress.log(line)
     if plan.count(SKIP_FAILED):
         progress.log(f"sweep {ctx.spec.name!r}: {plan.count(SKIP_FAILED)} trial(s) failed in an earlier run and are "
                      "skipped; --retry-failed runs them again (`orchestrate status` says why they failed)")

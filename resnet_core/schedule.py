@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from .config import ScheduleConfig
+from .config import ScheduleConfig, TrainConfig
 
 
 class LRSchedule:
@@ -44,3 +44,18 @@ class LRSchedule:
             progress = min(1.0, max(0.0, (iteration - start) / max(1, self.total - start)))
             return 0.5 * self.base_lr * (1 + math.cos(math.pi * progress))
         return self.base_lr
+
+
+def schedule_warnings(cfg: TrainConfig) -> list[str]:
+    """Settings that validate but leave the lr schedule partly unused: a shortened run (``--set
+    schedule.total=200``) kept the recipe's milestones, or a warm-up as long as the run, and trained at an lr
+    nobody asked for."""
+    s, warmup, said = cfg.schedule, cfg.schedule.warmup, []
+    late = [m for m in s.milestones if m >= s.total]
+    if s.kind == "step" and late:
+        said.append(f"schedule.milestones {', '.join(map(str, late))} >= schedule.total {s.total}: the lr never "
+                    "drops there (set schedule.milestones too)")
+    if warmup.kind != "none" and warmup.length >= s.total:
+        said.append(f"schedule.warmup.length {warmup.length} >= schedule.total {s.total}: the whole run warms up, "
+                    f"never at optim.lr {cfg.optim.lr:g} (set schedule.warmup.length too)")
+    return said

@@ -30,7 +30,7 @@ from .config import ConfigError, TrainConfig, build_config, load_config, trial_k
 from .data import DataError, build_loader
 from .distributed import DistEnv
 from .models import create_model
-from .schedule import LRSchedule
+from .schedule import LRSchedule, schedule_warnings
 from .steps import build_step
 from .tracking import Tracker, check_store_usable, environment_tags, flatten, tracking_uri
 
@@ -438,14 +438,6 @@ def report_to(*reports: Report | None) -> Report:
     return lambda metrics: [r(metrics) for r in chosen]
 
 
-def warn_about_the_schedule(cfg: TrainConfig) -> None:
-    s = cfg.schedule
-    late = [m for m in s.milestones if m >= s.total]
-    if s.kind == "step" and late:
-        print(f"warning: schedule.milestones {', '.join(map(str, late))} >= schedule.total {s.total}: "
-              "the lr never drops there (set schedule.milestones too)", file=sys.stderr)
-
-
 def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train", probe_store: bool = False) -> int:
     """Errors are one line behind ``prog`` (``orchestrate train`` passes its own name), as every command's are.
     ``probe_store``: a tracking server that does not answer is one line at once (`orchestrate train`, run by a
@@ -464,7 +456,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train
         cfg = load_config(args.config, args.set)
         if probe_store and cfg.tracking.enabled:
             check_store_usable(tracking_uri(cfg.tracking.uri))  # else minutes of retries, a 130-line traceback
-        warn_about_the_schedule(cfg)
+        for warning in schedule_warnings(cfg):
+            print(f"warning: {warning}", file=sys.stderr)
         result = train(cfg, report)
     except (ConfigError, DataError, FileNotFoundError) as err:  # the input's fault: one line, no traceback
         print(f"{prog}: error: {err}", file=sys.stderr)

@@ -42,3 +42,16 @@ def test_epochs_scale_milestones_and_warm_up():
 def test_cosine_starts_after_the_warm_up_and_ends_at_zero():
     lr = schedule(kind="cosine", total=110, warmup={"kind": "linear", "lr": 0.01, "length": 10})
     assert lr(10) == pytest.approx(0.1) and lr(60) == pytest.approx(0.05) and lr(110) == pytest.approx(0.0)
+
+
+def test_a_schedule_partly_past_the_runs_end_is_warned_of():
+    from resnet_core.config import build_config
+    from resnet_core.schedule import schedule_warnings
+    paper = build_config({"schedule": {"warmup": {"kind": "constant", "lr": 0.01, "length": 400}}})
+    assert schedule_warnings(paper) == []
+    short = build_config({"schedule": {"total": 200, "warmup": {"kind": "constant", "lr": 0.01, "length": 400}}})
+    assert schedule_warnings(short) == [
+        "schedule.milestones 32000, 48000 >= schedule.total 200: the lr never drops there (set schedule.milestones "
+        "too)",
+        "schedule.warmup.length 400 >= schedule.total 200: the whole run warms up, never at optim.lr 0.1 (set "
+        "schedule.warmup.length too)"]

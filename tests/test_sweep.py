@@ -288,12 +288,27 @@ def test_set_edits_a_shipped_sweep_from_the_command_line(capsys):
     assert capsys.readouterr().err.strip().endswith("--set name.x=1: name.x: 'name' is a value, not a section")
 
 
+def test_a_shortened_sweep_is_warned_that_its_schedule_runs_past_the_end(capsys):
+    """`--set base.schedule.total=200` on the paper's sweep trained every trial at the warm-up lr 0.01, unannounced
+    (a worker's warning never reaches the sweep's console): the dry run says so, and so does the sweep."""
+    assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run",
+                        "--tracking-uri", "sqlite:////nonexistent/dir/m.db", "--set", "base.schedule.total=200"]) == 0
+    out = capsys.readouterr().out
+    assert "warning: schedule.milestones 32000, 48000 >= schedule.total 200" in out, out
+    assert "warning: schedule.warmup.length 400 >= schedule.total 200: the whole run warms up" in out, out
+    assert orchestrate(["sweep", str(REPO / "sweeps" / "smoke.yaml"), "--dry-run", "--tracking-uri",
+                        "sqlite:////nonexistent/dir/m.db", "--set", "space.schedule.total=[30,10]"]) == 0
+    assert "warning: 4 trial(s) (model.plain=False optim.lr=0.1 schedule.total=10, ...): schedule.milestones 20 >= " \
+           "schedule.total 10" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "sweeps").glob("*.yaml")))
 def test_every_shipped_sweep_dry_runs(name, capsys):
     code = orchestrate(["sweep", str(REPO / "sweeps" / f"{name}.yaml"), "--dry-run",
                         "--tracking-uri", "sqlite:////nonexistent/dir/m.db"])
     out, err = capsys.readouterr()
     assert code == 0 and "estimated GPU-hours" in out, err
+    assert "warning: schedule" not in out, out
     if name == "imagenet_depth":  # ImageNet is not on this machine: said, but a login node's dry run goes on
         assert "warning:" in out and "base.data.path" in out and "/datasets/imagenet" in out
 
