@@ -52,6 +52,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--set" in argv:
+        from resnet_core.config import one_value_per_set
+        argv = one_value_per_set(argv)
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not args.command:

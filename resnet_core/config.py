@@ -217,6 +217,21 @@ def set_dotted(tree: dict, dotted_key: str, value: Any) -> None:
     node[leaf] = value
 
 
+def one_value_per_set(argv: list[str]) -> list[str]:
+    """``--set a=1 b=2 spec.yaml`` as ``--set a=1 --set b=2 spec.yaml``, for a ``--set`` of one value each
+    (action="append"): argparse's nargs="*" took the spec file for a value ("override 'spec.yaml' is not
+    key=value", or "the following arguments are required: spec"). The first word after --set is always its value."""
+    out, listing = [], False  # listing: inside the values of a --set
+    for word in argv:
+        if listing and out[-1] != "--set":
+            listing = "=" in word and not word.startswith("-")  # a file or an option ends the list
+            if listing:
+                out.append("--set")
+        out.append(word)
+        listing = listing or word == "--set"
+    return out
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``key=value`` with the value read as YAML (``optim.lr=0.05``, ``model.shortcut=B``)."""
     if "=" not in text or not text.split("=", 1)[0].strip():

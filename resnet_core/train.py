@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import yaml
 
 from . import checkpoint, distributed
-from .config import ConfigError, TrainConfig, build_config, load_config, trial_key
+from .config import ConfigError, TrainConfig, build_config, load_config, one_value_per_set, trial_key
 from .data import DataError, build_loader
 from .distributed import DistEnv
 from .models import create_model
@@ -444,10 +444,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train
     user); a sweep's workers leave a restarting server to the client's retries."""
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     parser.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR recipe)")
-    parser.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override keys, e.g. optim.lr=0.05")
     parser.add_argument("--tracking-uri", default=None, help="MLflow store, as tracking.uri")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(one_value_per_set(sys.argv[1:] if argv is None else argv))
     if args.tracking_uri:
         args.set = [*args.set, f"tracking.uri={args.tracking_uri}"]
     report = report_to(report_to_file(os.environ[REPORT_FILE_ENV]) if os.environ.get(REPORT_FILE_ENV) else None,

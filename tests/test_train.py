@@ -609,3 +609,17 @@ def test_the_runs_config_names_the_data_it_read_by_its_absolute_path(tmp_path, m
     assert result["status"] == "FINISHED"
     folder = MlflowClient(cfg["tracking"]["uri"]).download_artifacts(result["run_id"], "config.yaml", str(tmp_path))
     assert yaml.safe_load(Path(folder).read_text())["data"]["path"] == str(tmp_path / "pngs")
+
+
+def test_a_config_file_after_the_set_values_is_the_config_not_a_value(tmp_path, capsys):
+    """`--set` took every word after it (nargs="*"): `train --set optim.lr=0.05 t1.yaml` said "override 't1.yaml'
+    is not key=value", and `sweep --set name=x spec.yaml` that the spec was missing."""
+    from orchestrator.cli import main as orchestrate
+    path = write_config(tmp_path, tiny_config(tmp_path))
+    assert orchestrate(["train", "--set", "optim.lr=0.05", "batch_size=16", str(path), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.05" in out and "batch_size: 16" in out and "depth: 8" in out, out
+    spec = Path(__file__).parents[1] / "sweeps" / "smoke.yaml"
+    assert orchestrate(["sweep", "--set", "name=renamed", "max_concurrent=1", str(spec), "--dry-run",
+                        "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
+    assert "sweep 'renamed': 4 trials" in capsys.readouterr().out

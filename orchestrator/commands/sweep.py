@@ -14,7 +14,7 @@ def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tracking-uri", help="MLflow store (default: spec, $MLFLOW_TRACKING_URI, sqlite:///mlruns.db)")
     p.add_argument("--output", help="folder for checkpoints and logs (default: runs/sweeps/<name>)")
     p.add_argument("--max-concurrent", type=int, help="trials running at once")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE", dest="sets",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
                    help="edit the spec: base.schedule.total=200, space.optim.lr=[0.1,0.05], resources.gpus=0.5, "
                         "name=my_copy (a different name is a different sweep in MLflow)")
 

@@ -6,7 +6,7 @@ import argparse
 
 def add_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", help="trial config YAML (default: the paper's CIFAR-10 recipe)")
-    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override config keys, e.g. optim.lr=0.05 model.depth=56")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store, as tracking.uri (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
@@ -36,5 +36,6 @@ def run(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False) + f"# trial key: {trial_key(cfg)}")
         return 0
     from resnet_core.train import main
-    return main([*([args.config] if args.config else []), "--set", *args.set], prog="orchestrate train",
+    sets = [word for text in args.set for word in ("--set", text)]
+    return main([*([args.config] if args.config else []), *sets], prog="orchestrate train",
                 probe_store=True)
