@@ -474,11 +474,16 @@ def test_a_ray_address_where_no_cluster_answers_is_one_line(tmp_path, address):
 def test_a_trial_can_run_as_a_torchrun_child_inside_its_ray_actor(tmp_path):
     """The path of multi-GPU trials: torchrun in the Tune actor, its reports relayed to Tune (1 CPU process here)."""
     base = yaml.safe_load(smoke_spec(tmp_path).read_text())["base"]
-    spec = smoke_spec(tmp_path, space={"optim.lr": [0.1]}, launcher="torchrun", base=base)
-    output = finish(sweep(tmp_path, spec))
-    (run,) = trial_runs(tmp_path, "smoke")
-    assert run.info.status == "FINISHED" and run.data.tags["backend"] == "ray", output[-2000:]
-    assert "finished" in output and "epoch=5" in output  # the child's final report reached the view
+    spec = smoke_spec(tmp_path, space={"optim.lr": [0.1, 1e30]}, launcher="torchrun", base=base)
+    proc = sweep(tmp_path, spec)
+    output = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 1 and "1 finished, 1 failed" in output, output[-3000:]
+    run = next(r for r in trial_runs(tmp_path, "smoke") if r.info.status == "FINISHED")
+    assert run.data.tags["backend"] == "ray", output[-2000:]
+    assert "epoch=5" in output  # the child's final report reached the view
+    # a diverged child's own reason, not "torchrun ... exited with 1"
+    (failed,) = [line for line in output.splitlines() if "failed   optim.lr=1e+30" in line]
+    assert "loss is nan" in failed.lower() and "exited with" not in failed, failed
 
 
 @pytest.fixture
