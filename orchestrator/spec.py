@@ -165,6 +165,10 @@ class SweepSpec(Strict):
                                  "launcher auto or python)")
         if self.scheduler.asha and self.search == "grid" and not self.space:
             raise ValueError("scheduler.asha: early stopping needs several trials (space is empty)")
+        sampled = self.search == "random" or any(not isinstance(d, list) for d in self.space.values())
+        if self.num_samples > 1 and not sampled:  # each repeat was the same trial: 4 trials, not 12, unannounced
+            raise ValueError(f"num_samples: {self.num_samples} repeats of a grid with nothing sampled are one trial "
+                             "each time (a trial runs once); for several seeds list them: space.seed: [0, 1, 2]")
         return self
 
 

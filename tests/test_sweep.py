@@ -330,6 +330,8 @@ MALFORMED = [
     # equal once validated: ran as one trial, unannounced (the grid promised two)
     ({"name": "x", "space": {"optim.lr": [0.1, "0.1"]}}, "space.optim.lr: 0.1 and '0.1' make the same trial"),
     ({"name": "x", "space": {"model.plain": [False, 0]}}, "space.model.plain: False and 0 make the same trial"),
+    ({"name": "x", "num_samples": 3, "space": {"optim.lr": [0.1, 0.05]}}, "num_samples: 3 repeats of a grid with "
+                                                                          "nothing sampled are one trial each time"),
     ({"name": "x", "space": {"model.name": ["resnet21"]}}, "model.name: unknown model 'resnet21'"),
     ({"name": "x", "space": {"model.depth": [20, 21]}}, "model.depth: depth 21 is not 6n+2"),
     ({"name": "x", "backend": "slurm", "resources": {"gpus": 0.5, "nodes": 2}}, "cannot span 2 nodes"),
