@@ -6,6 +6,7 @@ Python values, so they load with ``weights_only=True``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -101,7 +102,10 @@ def save(folder: Path, iteration: int, state: dict[str, Any], keep: int) -> Path
 
 def verify(path: Path) -> bool:
     match = NAME.match(path.name)
-    return bool(match) and path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest()[:16] == match.group(2)
+    try:
+        return bool(match) and hashlib.sha256(path.read_bytes()).hexdigest()[:16] == match.group(2)
+    except (FileNotFoundError, IsADirectoryError):  # gone: another rank set it aside as rejected
+        return False
 
 
 REQUIRED_KEYS = ("iteration", "step", "run_id", "trial_key")  # what every resume reads (train.trial_state)
@@ -134,7 +138,8 @@ def load_latest(folder: Path, map_location: str | torch.device = "cpu") -> tuple
         if state is not None:
             return state, rejected
         log.warning("checkpoint %s is unusable (checksum, or contents); trying the previous one", path)
-        path.rename(path.with_name(path.name + ".rejected"))
+        with contextlib.suppress(FileNotFoundError):  # every rank of a DDP trial gets here; the first renames it
+            path.rename(path.with_name(path.name + ".rejected"))
         rejected.append(path.name)
     if rejected:
         raise CheckpointError(f"no checkpoint in {folder} is usable ({', '.join(rejected)}, now *.rejected: "

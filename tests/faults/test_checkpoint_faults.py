@@ -40,6 +40,26 @@ def flip_a_byte(path):
 
 
 @pytest.mark.timeout(180)
+def test_a_corrupt_checkpoint_another_rank_set_aside_first_is_passed_over(tmp_path, monkeypatch):
+    """Every rank of a DDP trial runs load_latest on the same folder: the rank that came second found the corrupt
+    file already renamed *.rejected and died on FileNotFoundError, failing the trial (the other rank's rename is
+    played here, between this rank's listing and its checks)."""
+    state = {"iteration": 5, "step": {}, "run_id": "r", "trial_key": "k"}
+    good = checkpoint.save(tmp_path, 5, state, keep=3)
+    corrupt = checkpoint.save(tmp_path, 10, {**state, "iteration": 10}, keep=3)
+    corrupt.write_bytes(b"torn")
+    real_verify = checkpoint.verify
+
+    def other_rank_first(path):
+        if path == corrupt and path.exists():
+            path.rename(path.with_name(path.name + ".rejected"))
+        return real_verify(path)
+
+    monkeypatch.setattr(checkpoint, "verify", other_rank_first)
+    loaded, rejected = checkpoint.load_latest(tmp_path)
+    assert loaded["iteration"] == 5 and rejected == [corrupt.name] and good.exists()
+
+
 def test_corrupt_checkpoints_are_rejected_and_the_newest_good_one_used(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path}/mlruns.db"
     cfg = tiny_config(tmp_path, uri, total=TOTAL, checkpoint={"keep": 3})
