@@ -595,3 +595,17 @@ def test_fused_groups_are_made_of_trials_that_resume_at_one_iteration(tmp_path):
     units = fuse(ctx, resnets)
     groups = sorted(([t.key for t in u.members] if isinstance(u, FusedGroup) else [u.key] for u in units), key=len)
     assert groups == [[resnets[1].key], [resnets[3].key], [resnets[0].key, resnets[2].key]]
+
+
+def test_a_report_file_with_a_torn_line_gives_up_only_the_torn_part(tmp_path):
+    """A worker killed while writing leaves half a line; its next attempt appends to it. json.loads of that line
+    raised in the SLURM monitor, which then cancelled every job of the sweep."""
+    from orchestrator.backends.base import ReportTail
+    path = tmp_path / "reports.jsonl"
+    path.write_text('{"epoch": 1, "val_error": 0.5}\n{"epoch": 2, "val_er')
+    tail = ReportTail(path)
+    assert tail.read() == [{"epoch": 1, "val_error": 0.5}]  # the line being written waits
+    with open(path, "a") as f:  # the requeued attempt
+        f.write('{"epoch": 2, "val_error": 0.4}\n{"status": "FINISHED", "note": "caf\u00e9"}\n')
+    assert tail.read() == [{"epoch": 2, "val_error": 0.4}, {"status": "FINISHED", "note": "caf\u00e9"}]
+    assert tail.latest() == {"status": "FINISHED", "note": "caf\u00e9"} and tail.read() == []

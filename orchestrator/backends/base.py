@@ -1,10 +1,12 @@
 """What every backend offers: describe a trial's launch (dry run) and run trials, reporting through Events."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from ..trials import SweepContext, Trial
 
@@ -34,3 +36,42 @@ def sigterm_as_ctrl_c() -> None:
     Called again once Ray has started: ray.init puts in a handler of its own that aborts the driver."""
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+
+
+class ReportTail:
+    """New records of a worker's report file, one JSON line each (rank 0 appends; a requeued worker appends
+    again). A line still being written waits for the next read; a line torn by a killed worker, to which its
+    next attempt appended, gives up only its torn part (json.loads of it stopped the sweep)."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset, self.last = Path(path), 0, {}
+
+    def read(self) -> list[dict[str, Any]]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                chunk = f.read()
+        except FileNotFoundError:
+            return []
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        self.offset += len(complete)
+        records = [r for r in map(parse_report_line, complete.decode(errors="replace").splitlines()) if r]
+        if records:
+            self.last = records[-1]
+        return records
+
+    def latest(self) -> dict[str, Any]:
+        self.read()
+        return self.last
+
+
+def parse_report_line(line: str) -> dict[str, Any] | None:
+    """The record of a report line: its last well-formed JSON object (the part after a torn one), else None."""
+    start = 0
+    while start != -1:
+        try:
+            record = json.loads(line[start:])
+            return record if isinstance(record, dict) else None
+        except json.JSONDecodeError:
+            start = line.find('{"', start + 1)
+    return None

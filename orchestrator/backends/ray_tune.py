@@ -28,7 +28,7 @@ from ..cli import UserError
 from ..mps import mps_daemon
 from ..ledger import Ledger
 from ..trials import FusedGroup, SweepContext, Trial, fuse
-from .base import Events, sigterm_as_ctrl_c
+from .base import Events, ReportTail, sigterm_as_ctrl_c
 
 from resnet_core.train import REPORT_FILE_ENV  # noqa: E402  (the worker defines the channel)
 
@@ -114,20 +114,18 @@ def run_child(cfg_dict: dict, launcher: str, workers: int) -> dict:
         # Our death (Tune stopping the trial) must take the launcher and its ranks with it.
         child = subprocess.Popen(child_command(launcher, str(config_path), workers), env=env,
                                  preexec_fn=_die_with_parent)
-        seen = 0
+        tail, final = ReportTail(reports), None  # a half-written last line was read, and json.loads failed
         while True:
             done = child.poll() is not None
-            lines = reports.read_text().splitlines() if reports.exists() else []
-            for line in lines[seen:]:
-                tune.report(json.loads(line))
-            seen = len(lines)
+            for record in tail.read():
+                tune.report(record)
+                final = record if "status" in record else final
             if done:
                 break
             time.sleep(1.0)
-        final = [json.loads(line) for line in lines if '"status"' in line]
-        if not final:  # a worker that ends with a result exits 1 when it FAILED: the result says why
+        if final is None:  # a worker that ends with a result exits 1 when it FAILED: the result says why
             raise RuntimeError(f"{shlex.join(child.args)} exited with {child.returncode}")
-        return final[-1]
+        return final
 
 
 def _die_with_parent() -> None:

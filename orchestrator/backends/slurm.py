@@ -33,7 +33,7 @@ from typing import Any
 from ..ledger import Ledger
 from ..spec import SpecError
 from ..trials import REPORTED_METRICS, FusedGroup, SweepContext, Trial, fuse
-from .base import Events
+from .base import Events, ReportTail
 from .slurm_job import EXIT_INTERRUPTED, SlurmTrial
 
 # The cluster profile's `slurm:` keys (unknown keys are an error naming the valid ones).
@@ -353,31 +353,6 @@ def fresh_report_file(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         path.replace(path.with_suffix(".previous.jsonl"))
-
-
-class ReportTail:
-    """New JSON lines of a worker's report file (rank 0 appends; a requeued worker appends again)."""
-
-    def __init__(self, path: Path):
-        self.path, self.offset, self.last = Path(path), 0, {}
-
-    def read(self) -> list[dict[str, Any]]:
-        try:
-            with open(self.path) as f:
-                f.seek(self.offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return []
-        complete = chunk[:chunk.rfind("\n") + 1]  # a line still being written waits for the next read
-        self.offset += len(complete.encode())
-        records = [json.loads(line) for line in complete.splitlines() if line.strip()]
-        if records:
-            self.last = records[-1]
-        return records
-
-    def latest(self) -> dict[str, Any]:
-        self.read()
-        return self.last
 
 
 def pick(record: dict[str, Any], keys) -> dict[str, Any]:
