@@ -23,6 +23,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from resnet_core.config import NON_RESULT_FIELDS
+
 from orchestrator.cli import UserError
 from orchestrator.runs import BrokenRun, ModelInfo, family_of, finished_trials, metric_history, model_info, run_label
 
@@ -47,7 +49,9 @@ def is_plain(family: str) -> bool:
 # a cell's family and depth already say (runs.family_of), where a trial keeps its checkpoints and metrics. Any other
 # model setting (model.zero_init_residual) is a variant.
 NOT_A_VARIANT = ("seed", "model.name", "model.depth", "model.shortcut", "model.plain", "model.unit",
-                 "model.bottleneck", "checkpoint.", "tracking.")
+                 "model.bottleneck",  # and what no result depends on (left out of the trial key too):
+                 *(f"{section}.{key}" for section, keys in NON_RESULT_FIELDS.items()  # "checkpoint.", "eval.batch_size"
+                   for key in ([""] if keys is True else sorted(keys))))
 
 
 def variants(runs) -> dict[str, dict[str, str]]:

@@ -149,6 +149,12 @@ def test_trials_that_differ_in_more_than_model_and_seed_are_separate_cells(tmp_p
     runs[:2] = [client.get_run(r.info.run_id) for r in runs[:2]]
     assert list(variants(runs[:2]).values()) == [{"model.zero_init_residual": "False"},
                                                  {"model.zero_init_residual": "True"}]
+    # a setting no result depends on is not one (eval.batch_size: a cell split in two, 'variants' of one trial)
+    for run, size in zip(runs[:2], ("1000", "500")):
+        client.log_param(run.info.run_id, "eval.batch_size", size)
+    runs[:2] = [client.get_run(r.info.run_id) for r in runs[:2]]
+    assert list(variants(runs[:2]).values()) == [{"model.zero_init_residual": "False"},
+                                                 {"model.zero_init_residual": "True"}]
 
 
 def test_parameters_are_written_as_the_paper_writes_them():
