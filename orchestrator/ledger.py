@@ -19,7 +19,6 @@ STOPPED = "stopped early"  # by the scheduler (ASHA): final, like DONE, but no f
 class Plan:
     to_run: list[Trial] = field(default_factory=list)
     reason: dict[str, str] = field(default_factory=dict)   # trial key -> DONE / RESUME / RETRY / NEW / ...
-    run_ids: dict[str, str] = field(default_factory=dict)  # trial key -> existing MLflow run id
     foreign: int = 0  # trial runs of this experiment that are no trial of this plan (the spec was edited)
     results: dict[str, dict[str, float]] = field(default_factory=dict)  # trial key -> a finished run's metrics
 
@@ -52,7 +51,6 @@ class Ledger:
             if run is None:
                 reason = NEW
             else:
-                plan.run_ids[trial.key] = run.info.run_id
                 status, stopped = run.info.status, run.data.tags.get("early_stopped") == "true"
                 reason = (STOPPED if stopped else DONE if status == "FINISHED" else
                           (RETRY if retry_failed else SKIP_FAILED) if status == "FAILED" else RESUME)

@@ -176,9 +176,6 @@ class FusedModel:
         for key in self.state_keys:
             tensors[key][k].copy_(state[key])
 
-    def member_parameters(self, k: int) -> list[torch.Tensor]:
-        return [self.params[name][k] for name in self.param_names]
-
 
 class FusedStep:
     """One training step of all members: eager, or (``graph=True``, CUDA) captured once in a CUDA graph."""

@@ -47,7 +47,6 @@ PROFILE_KEYS = {
     "master_addr": "rendezvous host (default: the first node of the allocation)",
     "poll_s": "seconds between job-state polls",
 }
-FINAL_STATES = ("finished", "failed", "stopped")
 RESULT_KEYS = ("epoch", "val_error", "test_error", "best_val_error", "iteration")
 
 
