@@ -362,7 +362,10 @@ def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
 def announce_start(key: str, folder: Path, state: dict[str, Any] | None, total: int, tracker: Tracker | None) -> None:
     """One line when a trial does not start afresh: a resume is never silent, nor is a restart that found its
     earlier run but no checkpoint (another --output, checkpoint.resume off, killed before the first one)."""
-    if state is not None:
+    if state is not None and state["iteration"] >= total:  # e.g. the same trial again under another experiment
+        print(f"trial {key}: already trained to iteration {state['iteration']}/{total} (its checkpoint in {folder}): "
+              "only its final evaluation runs; --set checkpoint.resume=false trains it again", flush=True)
+    elif state is not None:
         print(f"trial {key}: resuming at iteration {state['iteration']}/{total} from its checkpoint in {folder}",
               flush=True)
     elif tracker is not None and tracker.last_logged_step() >= 0:

@@ -226,6 +226,19 @@ def test_a_checkpoint_of_another_tracking_store_goes_on_in_a_new_run_there(tmp_p
     assert history(moved, run.info.run_id)[0][0] > 16  # it went on from the checkpoint, not from 0
 
 
+
+def test_a_finished_trial_trained_again_under_another_experiment_says_it_is_already_trained(tmp_path, capsys):
+    """The trial key leaves tracking out: the new experiment's run held only a final evaluation, and the console
+    said 'resuming at iteration 40/40' as if it trained."""
+    first = train(tiny_config(tmp_path))
+    capsys.readouterr()
+    again = train(tiny_config(tmp_path, tracking={"experiment": "other"}))
+    out = capsys.readouterr().out
+    assert again["iteration"] == 40 and again["run_id"] != first["run_id"]
+    assert (f"trial {first['trial_key']}: already trained to iteration 40/40" in out
+            and "--set checkpoint.resume=false trains it again" in out), out
+
+
 def test_more_than_ten_classes_log_a_top5_error_too(tmp_path):
     """The paper's ImageNet tables give top-1 and top-5 error; CIFAR's give top-1 only."""
     cfg = tiny_config(tmp_path, data={"synthetic": {"num_classes": 20, "train_size": 320, "test_size": 160}},
