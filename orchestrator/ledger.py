@@ -29,12 +29,18 @@ class Plan:
 class Ledger:
     def __init__(self, uri: str, experiment: str, create: bool = True):
         from mlflow import MlflowClient
-        from resnet_core.tracking import get_or_create_experiment
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client, self.name = MlflowClient(tracking_uri=uri), experiment
         found = self.client.get_experiment_by_name(experiment)
-        # Created here, once, before any worker writes: concurrent creation of an sqlite store crashes.
-        self.experiment_id = found.experiment_id if found else (
-            get_or_create_experiment(self.client, experiment) if create else None)
+        self.experiment_id = found.experiment_id if found else None
+        if create:
+            self.create()
+
+    def create(self) -> None:
+        """The sweep's experiment, created once, before any worker writes (concurrent creation of an sqlite store
+        crashes), and only for a sweep that starts (a refused one left an empty experiment in the UI)."""
+        from resnet_core.tracking import get_or_create_experiment
+        if self.experiment_id is None:
+            self.experiment_id = get_or_create_experiment(self.client, self.name)
 
     def trial_runs(self) -> dict[str, object]:
         """The newest run of each trial key in this sweep's experiment."""

@@ -202,13 +202,14 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
     with ThreadPoolExecutor(1) as pool:
         # Creating an sqlite store runs MLflow's migrations (~8 s); a new store means every trial will run, so
         # the engine starts meanwhile (Ray: ~9 s) instead of after.
-        ledger = pool.submit(Ledger, ctx.tracking_uri, ctx.spec.name)
+        ledger = pool.submit(Ledger, ctx.tracking_uri, ctx.spec.name, create=False)
         if fresh_store and hasattr(backend, "start"):
             backend.start()
         ledger = ledger.result()
     plan = ledger.plan(trials, retry_failed)
     if plan.to_run and hasattr(backend, "start"):
         backend.start()  # an engine that refuses the sweep (no GPU here) does so before the plan is recorded
+    ledger.create()
     ledger.record_plan(trials, command or ctx.spec_path)  # `orchestrate status` lists what has not started
     running = {t.key for t in plan.to_run}
     # with a finished trial's metrics: the sweep's best may be one that finished in an earlier call
