@@ -429,24 +429,30 @@ class FusedTrainer:
 
     # -- evaluation: every member on the same images ------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, split: str) -> list[tuple[float, float]]:
+    def evaluate(self, split: str) -> list[dict[str, float]]:
+        """Each member's {split}_loss and _error, and with more than 10 classes _top5_error (as Trainer's)."""
         self.model.train(False)
-        sums = torch.zeros(len(self.members), 3, device=self.device)
+        sums = torch.zeros(len(self.members), 4, device=self.device)
         for images, labels in self.eval_loaders[split].iterate(0):
             with self.step.autocast():
-                logits = self.model(images, shared_input=True).float()
+                logits = self.model(images, shared_input=True).float()  # [members, images, classes]
             labels_k = labels.expand(len(self.members), -1)
             loss = F.cross_entropy(logits.flatten(0, 1), labels_k.flatten(), reduction="none").view_as(labels_k)
             errors = (logits.argmax(2) != labels_k).sum(1).float()
-            sums += torch.stack([loss.sum(1), errors, torch.full_like(errors, float(labels.numel()))], dim=1)
+            top5 = logits.topk(min(5, logits.shape[2]), dim=2).indices
+            top5_errors = (top5 != labels_k[..., None]).all(2).sum(1).float()
+            sums += torch.stack([loss.sum(1), errors, top5_errors, torch.full_like(errors, float(labels.numel()))],
+                                dim=1)
         self.model.train(True)
-        return [(s / max(n, 1), e / max(n, 1)) for s, e, n in sums.tolist()]
+        top5 = self.train_loaders[0].num_classes > 10
+        return [{f"{split}_loss": s / max(n, 1), f"{split}_error": e / max(n, 1),
+                 **({f"{split}_top5_error": t / max(n, 1)} if top5 else {})} for s, e, t, n in sums.tolist()]
 
     def evaluate_all(self) -> list[dict[str, float]]:
         metrics = [{} for _ in self.members]
         for split in self.eval_loaders:
-            for m, (loss, error) in zip(self.members, self.evaluate(split)):
-                metrics[m.index][f"{split}_loss"], metrics[m.index][f"{split}_error"] = loss, error
+            for m, split_metrics in zip(self.members, self.evaluate(split)):
+                metrics[m.index].update(split_metrics)
         for m in self.members:
             if "val_error" in metrics[m.index]:
                 m.best_val_error = min(m.best_val_error, metrics[m.index]["val_error"])

@@ -200,3 +200,20 @@ def test_only_fusable_differences_are_accepted():
     assert fusion_key(a) != fusion_key(deeper)
     with pytest.raises(ConfigError, match="^dist.engine:"):
         check_fusable([build_config({"dist": {"engine": "deepspeed"}})])
+
+
+def test_fused_members_log_a_top5_error_with_more_than_ten_classes_as_alone(tmp_path):
+    """A member is the same trial either way: fused ones logged no top5 error (the paper's ImageNet tables)."""
+    cfgs = members(tmp_path, variants=((0, 0.1, 1e-4), (1, 0.05, 1e-4)))
+    for cfg in cfgs:
+        cfg["data"]["synthetic"] = {"num_classes": 20, "train_size": 320, "test_size": 160}
+        cfg["schedule"] = {"total": 10, "milestones": [8]}
+    fused = train_fused(cfgs)
+    alone_cfg = copy.deepcopy(cfgs[0])
+    alone_cfg["tracking"]["experiment"], alone_cfg["checkpoint"]["root"] = "alone", str(tmp_path / "alone")
+    alone = train(alone_cfg)
+    client = MlflowClient(cfgs[0]["tracking"]["uri"])
+    for result in fused:
+        assert 0 <= result["test_top5_error"] <= result["test_error"] <= 1, result
+        assert client.get_run(result["run_id"]).data.metrics["test_top5_error"] == result["test_top5_error"]
+    assert abs(fused[0]["test_top5_error"] - alone["test_top5_error"]) < 0.1
