@@ -41,6 +41,8 @@ from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, i
 
 # What may differ between the members of one fused group: everything else must be equal.
 FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
+# no result depends on them, but the group has one of each: the first member's was used for all, unannounced
+GROUP_SETTINGS = ("checkpoint.every", "checkpoint.resume", "tracking.log_every", "eval.batch_size")
 
 
 def _without_fusable(cfg: TrainConfig) -> dict[str, Any]:
@@ -74,6 +76,12 @@ def check_fusable(cfgs: list[TrainConfig], device: torch.device | None = None) -
         if other != first:
             raise ConfigError(f"fuse: trials differ in {_first_difference(first, other)}; fused trials may differ "
                               f"only in {', '.join(FUSABLE_KEYS)}")
+    for key in GROUP_SETTINGS:
+        section, name = key.split(".")
+        values = {getattr(getattr(cfg, section), name) for cfg in cfgs}
+        if len(values) > 1:
+            raise ConfigError(f"fuse: trials differ in {key} ({', '.join(map(str, sorted(values)))}); a fused group "
+                              "has one")
     cfg = cfgs[0]
     if cfg.dist.engine != "ddp":
         raise ConfigError("dist.engine: fused trials train in one process without DeepSpeed; use ddp (the default)")

@@ -198,6 +198,10 @@ def test_only_fusable_differences_are_accepted():
     with pytest.raises(ConfigError, match=r"^fuse: trials differ in model\.depth; .*seed, optim\.lr"):
         check_fusable([a, deeper])
     assert fusion_key(a) != fusion_key(deeper)
+    # a setting no result depends on, but of which the group has one (the first member's was used for all)
+    sparse = build_config({"model": {"name": "resnet_cifar", "depth": 8}, "seed": 1, "tracking": {"log_every": 50}})
+    with pytest.raises(ConfigError, match=r"^fuse: trials differ in tracking\.log_every \(50, 100\); a fused group"):
+        check_fusable([a, sparse])
     with pytest.raises(ConfigError, match="^dist.engine:"):
         check_fusable([build_config({"dist": {"engine": "deepspeed"}})])
 
