@@ -44,9 +44,11 @@ def mps_daemon(say: Callable[[str], None]) -> Iterator[bool]:
     env = {"CUDA_MPS_PIPE_DIRECTORY": f"{root}/pipe", "CUDA_MPS_LOG_DIRECTORY": f"{root}/log"}
     for folder in env.values():
         os.makedirs(folder)
-    subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**os.environ, **env}, check=True)
+    daemon = subprocess.run(["nvidia-cuda-mps-control", "-d"], env={**os.environ, **env}, capture_output=True,
+                            text=True)  # its refusal (permissions, a foreign daemon) was a traceback
     # A daemon whose server cannot start stalls every CUDA client: one must get through before trials rely on it.
-    failed = cuda_client_fails({**os.environ, **env})
+    failed = (f"nvidia-cuda-mps-control -d: {last_line(daemon.stderr + daemon.stdout, daemon.returncode)}"
+              if daemon.returncode else cuda_client_fails({**os.environ, **env}))
     if failed:
         subprocess.run(["nvidia-cuda-mps-control"], input="quit\n", text=True, env={**os.environ, **env})
         shutil.rmtree(root, ignore_errors=True)
@@ -75,4 +77,8 @@ def cuda_client_fails(env: dict[str, str], timeout: float = 60.0) -> str | None:
         out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return f"no CUDA client got through it in {timeout:.0f} s"
-    return None if out.returncode == 0 else (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+    return None if out.returncode == 0 else last_line(out.stderr, out.returncode)
+
+
+def last_line(said: str, code: int) -> str:
+    return (said.strip().splitlines() or [f"exit {code}"])[-1]
