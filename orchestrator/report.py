@@ -26,7 +26,8 @@ from pathlib import Path
 from resnet_core.config import NON_RESULT_FIELDS
 
 from orchestrator.cli import UserError
-from orchestrator.runs import BrokenRun, ModelInfo, family_of, finished_trials, metric_history, model_info, run_label
+from orchestrator.runs import (BrokenRun, ModelInfo, family_of, finished_trials, metric_history, model_info, run_label,
+                              stopped_early)
 
 FILES = ("table6.md", "table6.json", "fig6_curves.png", "error_vs_depth.png")
 
@@ -185,7 +186,7 @@ def cell_columns(cell: Cell | None) -> list[str]:
 def not_counted(client, experiment) -> str:
     """The sweep's trial runs the table leaves out, by state: a reader must know the table is not all of it."""
     from orchestrator.runs import is_finished, trial_runs
-    states = [("stopped early" if r.data.tags.get("early_stopped") == "true" else
+    states = [("stopped early" if stopped_early(r) else
                "failed" if r.info.status == "FAILED" else "running or interrupted")
               for r in trial_runs(client, experiment.experiment_id) if not is_finished(r)]
     counts = ", ".join(f"{states.count(s)} {s}" for s in ("stopped early", "failed", "running or interrupted")

@@ -2,8 +2,8 @@
 
 The contract is the one `resnet_core.train` writes: one experiment per sweep, one run per trial tagged
 ``kind=trial`` (and ``sweep``), the flattened config as params, ``model.pt`` / ``config.yaml`` artifacts.
-A trial counts as finished when its run is FINISHED and it was not stopped early by a scheduler (ASHA and
-friends end such runs FINISHED too, tagged ``early_stopped=true``; their weights are half-trained).
+A trial counts as finished when its run is FINISHED and it was not stopped early by a scheduler (ASHA's stops
+end KILLED, tagged ``early_stopped=true``; their weights are half-trained).
 Errors that the user can fix are `UserError`s: one line, naming the run or listing the valid choices.
 """
 from __future__ import annotations
@@ -95,7 +95,12 @@ def trial_runs(client, experiment_id: str) -> list:
 
 
 def is_finished(run) -> bool:
-    return run.info.status == "FINISHED" and run.data.tags.get("early_stopped", "false").lower() != "true"
+    return run.info.status == "FINISHED" and not stopped_early(run)
+
+
+def stopped_early(run) -> bool:
+    """Stopped by the sweep's scheduler (Ledger.mark_early_stopped): final, never resumed, half-trained."""
+    return run.data.tags.get("early_stopped", "false").lower() == "true"
 
 
 def finished_trials(client, experiment_id: str) -> list:
@@ -122,8 +127,7 @@ def top_runs(client, experiment, metric: str, k: int) -> list:
         hint = ("; its trials hold out no val split: set data.val_split (the paper's 5000) in the sweep, or rank by "
                 "--metric test_error (chosen on the test set: an optimistic ensemble)"
                 if metric.startswith("val_") and without else "")
-        stopped = sum(r.data.tags.get("early_stopped", "false").lower() == "true"
-                      for r in trial_runs(client, experiment.experiment_id))
+        stopped = sum(stopped_early(r) for r in trial_runs(client, experiment.experiment_id))
         if stopped:  # ASHA's: the user sees the sweep's trials and wonders where they went
             note += f"; {stopped} stopped early by the scheduler are left out (half-trained)"
         raise UserError(f"--top {k}: sweep {experiment.name!r} has only {len(ranked)} finished trial runs "

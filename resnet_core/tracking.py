@@ -175,7 +175,8 @@ class Tracker:
             return False
 
     def find_run(self, trial_key: str) -> str | None:
-        """An unfinished run of this trial (killed before its first checkpoint): reuse it, never a duplicate."""
+        """The newest run of this trial in this experiment, whatever its state (one killed before its first
+        checkpoint, one finished under this experiment before): the trial goes on in it, never a duplicate."""
         runs = self.client.search_runs([self.experiment_id], f"tags.trial_key = '{trial_key}'",
                                        order_by=["attributes.start_time DESC"], max_results=1)
         return runs[0].info.run_id if runs else None

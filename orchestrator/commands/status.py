@@ -10,7 +10,8 @@ def add_parser(p: argparse.ArgumentParser) -> None:
 
 
 def trial_state(run) -> str:
-    return "STOPPED (early)" if run.data.tags.get("early_stopped") == "true" else run.info.status
+    from orchestrator.runs import stopped_early
+    return "STOPPED (early)" if stopped_early(run) else run.info.status
 
 
 def run(args: argparse.Namespace) -> int:
