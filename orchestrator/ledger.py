@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .runs import stopped_early
 from .trials import Trial
 
 PLANNED_KEY_LENGTH = 10
@@ -57,7 +58,7 @@ class Ledger:
             if run is None:
                 reason = NEW
             else:
-                status, stopped = run.info.status, run.data.tags.get("early_stopped") == "true"
+                status, stopped = run.info.status, stopped_early(run)
                 reason = (STOPPED if stopped else DONE if status == "FINISHED" else
                           (RETRY if retry_failed else SKIP_FAILED) if status == "FAILED" else RESUME)
             plan.reason[trial.key] = reason
