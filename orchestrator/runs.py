@@ -8,6 +8,7 @@ Errors that the user can fix are `UserError`s: one line, naming the run or listi
 """
 from __future__ import annotations
 
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +220,20 @@ def download(client, run_id: str, name: str, folder: Path) -> Path:
         return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=name, dst_path=str(folder),
                                                         tracking_uri=client.tracking_uri))
     except Exception as err:  # MlflowException, OSError: the store says why in many shapes
+        moved = moved_artifact(client, run_id, name)
+        if moved:
+            folder.mkdir(parents=True, exist_ok=True)
+            return Path(shutil.copy2(moved, folder / moved.name))
         raise BrokenRun(run_id, f"cannot fetch artifact {name} ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def moved_artifact(client, run_id: str, name: str) -> Path | None:
+    """The artifact in the ``<store>-artifacts/`` folder beside an sqlite store that was moved or copied with it:
+    MLflow keeps each run's absolute artifact path, which then points where the store used to be."""
+    from resnet_core.tracking import artifact_location
+    root = artifact_location(client.tracking_uri)
+    candidate = Path(root) / run_id / "artifacts" / name if root else None
+    return candidate if candidate and candidate.is_file() else None
 
 
 def load_config(client, run_id: str, folder: Path | None = None):

@@ -304,3 +304,20 @@ def test_broken_member_is_named_or_skipped(smoke_sweep, tmp_path, capsys, damage
         assert logged.data.params["skipped"] == broken
     finally:
         shutil.copy2(backup, path)
+
+
+def test_a_store_moved_with_its_artifacts_folder_still_reads_them(tmp_path):
+    """MLflow records each run's absolute artifact path: a store moved together with its `<store>-artifacts/`
+    folder (to another disk, off the GPU machine) could not fetch a member's config or weights."""
+    import shutil
+    from orchestrator.runs import load_config
+    from resnet_core.tracking import get_or_create_experiment
+    old = tmp_path / "old"
+    old.mkdir()
+    client = MlflowClient(f"sqlite:///{old}/mlruns.db")
+    run_id = client.create_run(get_or_create_experiment(client, "moved")).info.run_id
+    (tmp_path / "config.yaml").write_text("model: {name: resnet_cifar, depth: 14}\n")
+    client.log_artifact(run_id, str(tmp_path / "config.yaml"))
+    shutil.move(old, tmp_path / "new")
+    cfg = load_config(MlflowClient(f"sqlite:///{tmp_path}/new/mlruns.db"), run_id)
+    assert cfg.model.depth == 14
