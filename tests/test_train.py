@@ -367,6 +367,10 @@ def test_config_defaults_are_the_papers_recipe():
     assert (cfg.batch_size, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == (128, 0.1, 0.9, 1e-4)
     assert (cfg.schedule.total, cfg.schedule.milestones, cfg.schedule.gamma) == (64000, (32000, 48000), 0.1)
     assert cfg.model.name == "resnet20" and cfg.data.augment
+    # the shipped recipe file is these defaults spelled out: one trial, one key (it wrote shortcut: A, the default
+    # that the config leaves null, and was another trial that would not resume the defaults' run)
+    from resnet_core.config import load_config
+    assert trial_key(load_config(str(Path(__file__).parents[1] / "configs" / "cifar10_paper.yaml"))) == trial_key(cfg)
 
 
 def start_worker(cfg_path: Path, tmp_path: Path) -> subprocess.Popen:
