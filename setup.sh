@@ -4,7 +4,7 @@
 #   2. .venv in the checkout with the project and every pinned dependency,
 #   3. the main job on its embedded defaults (`orchestrate demo`).
 # Re-running is fast: each step is skipped when what it installs is already there and unchanged.
-# SKIP_DEMO=1 installs only (CI runs the tests right after).
+# SKIP_DEMO=1 installs only (CI runs setup.sh with the demo, then the tests).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
