@@ -230,3 +230,17 @@ def test_an_asha_trial_whose_job_is_stopped_is_one_line_not_a_traceback(slurm_cl
                      "kept", out), out
     assert proc.returncode == 1 and "2 interrupted" in out, out
     assert "run the same command again to resume them" in out, out
+
+
+def test_with_asha_a_waiting_trial_shows_its_job_and_squeues_reason(slurm_cluster, tmp_path):
+    """Each ASHA relay submits its own job: the view said "running" from the relay's start, whatever the queue
+    did. Three trials that each take a whole node (2 CPUs) on the 2-node cluster: one waits, for Resources."""
+    base = {**yaml.safe_load(SMOKE.read_text())["base"], "schedule": {"total": 60, "milestones": [50]}}
+    spec = spec_file(tmp_path, name="smoke-asha", space={"optim.lr": [0.1, 0.05, 0.02]}, max_concurrent=3, base=base,
+                     resources={"cpus": 2, "gpus": 0, "time_limit": "00:10:00"},
+                     scheduler={"asha": {"metric": "val_loss", "grace_period": 50, "reduction_factor": 2}})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    rc, out = orchestrate(slurm_cluster, tmp_path, str(spec), "--tracking-uri", uri, "--output", "out", timeout=400)
+    assert rc == 0, out
+    assert re.search(r"\] pending +\S+ \[\w{8}\] queued: job \d+ \(Resources\)$", out, re.M), out
+    assert out.count("finished optim.lr=") == 3 and not list((tmp_path / "out" / "reports").glob("*.job")), out

@@ -262,8 +262,7 @@ class SlurmBackend:
                     if state == "RUNNING":
                         events.update(key, "running", slurm_job_id=job.job_id, **pick(latest, RESULT_KEYS))
                     elif state == "PENDING":  # a sweep that does not move says which job waits, and why
-                        reason = f" ({why})" if why and why != "None" else ""  # None: not yet scheduled
-                        events.update(key, "pending", queued=f"job {job.job_id}{reason}")
+                        events.update(key, "pending", queued=queued_line(job.job_id, why))
                 shown[key] = view
             if watch:
                 time.sleep(self.poll_s)
@@ -315,6 +314,8 @@ class SlurmBackend:
         callback = events_callback_class()(events, self.ctx)
         # The relays only wait on files and sacct: a sliver of a CPU each, so max_concurrent of them fit.
         start_local_ray()
+        stop = threading.Event()
+        threading.Thread(target=self.show_waiting_jobs, args=(events, stop), daemon=True).start()
         try:
             tuner = tune.Tuner(
                 tune.with_resources(relay_trial, {"cpu": 0.05}),
@@ -328,10 +329,43 @@ class SlurmBackend:
                                           callbacks=[callback]))
             tuner.fit()
         finally:
+            stop.set()
             callback.join()
             ray.shutdown()
         if callback.refused:  # every trial's job has the same sbatch options: one line, as without ASHA
             raise self.refused(callback.refused)
+
+
+    def show_waiting_jobs(self, events: Events, stop: threading.Event) -> None:
+        """Each ASHA relay submits its trial's job and names it in ``<key>.job`` until the worker's first report:
+        the view shows such a trial's job waiting in the queue with squeue's reason, or started, as without ASHA
+        (it said "running" from the moment the relay started, however long the job waited)."""
+        shown: dict[str, tuple[str, str]] = {}
+        while not stop.wait(self.poll_s):
+            waiting = {path.stem: job for path in (self.ctx.output / "reports").glob("*.job")
+                       if (job := read_if_there(path))}
+            queue = (queue_states(list(waiting.values())) if waiting else None) or {}
+            for key, job_id in waiting.items():
+                state, why = queue.get(job_id, ("", ""))
+                if state in ("PENDING", "RUNNING") and shown.get(key) != (state, why):
+                    shown[key] = (state, why)
+                    if state == "PENDING":
+                        events.update(key, "pending", queued=queued_line(job_id, why))
+                    else:
+                        events.update(key, "running", slurm_job_id=job_id)
+
+
+def read_if_there(path: Path) -> str:
+    """A small file's text, or "" when it is gone (its writer removes it when it is done with it)."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def queued_line(job_id: str, why: str) -> str:
+    """ "job 1234 (Resources)"; squeue's None means not yet scheduled, nothing to say."""
+    return f"job {job_id}" + (f" ({why})" if why and why != "None" else "")
 
 
 def sbatch_refusal(err: Exception) -> str:
@@ -557,9 +591,24 @@ def relay_trial(config: dict[str, Any]) -> None:
         tune.report({"trial_status": "FAILED", "trial_key": p["key"], "reason": f"sbatch refused the job: {said}",
                      "sbatch_refused": said, **_metric_placeholder({})})
         return
+    waiting = Path(trial.report_file).with_suffix(".job")  # for show_waiting_jobs, until the first report
+    waiting.write_text(job.job_id)
+    try:
+        final = relay_reports(job, tail, p, waiting)
+    finally:
+        waiting.unlink(missing_ok=True)
+    tune.report({"trial_status": final["status"], "trial_key": p["key"], "run_id": final.get("run_id"),
+                 "slurm_job_id": job.job_id, "reason": final.get("reason", ""),
+                 **pick(final, RESULT_KEYS + ("val_loss", "test_loss")), **_metric_placeholder(final)})
+
+
+def relay_reports(job, tail: ReportTail, p: dict[str, Any], waiting: Path) -> dict[str, Any]:
+    """Each epoch's report to Tune once (also after a requeue) until the worker's final result, or the job's end."""
+    from ray import tune
     last_epoch, final, polled, no_sacct = 0, None, 0.0, sacct_error()
     while final is None:
         for record in tail.read():
+            waiting.unlink(missing_ok=True)
             if "status" in record:
                 final = record
             elif record.get("epoch", 0) > last_epoch:
@@ -577,9 +626,7 @@ def relay_trial(config: dict[str, Any]) -> None:
                 final = {"status": state.upper(), **info}   # as without ASHA (a raise here was Tune's traceback)
         if final is None:
             time.sleep(0.5)
-    tune.report({"trial_status": final["status"], "trial_key": p["key"], "run_id": final.get("run_id"),
-                 "slurm_job_id": job.job_id, "reason": final.get("reason", ""),
-                 **pick(final, RESULT_KEYS + ("val_loss", "test_loss")), **_metric_placeholder(final)})
+    return final
 
 
 def _metric_placeholder(final: dict[str, Any]) -> dict[str, float]:
