@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import math
 import os
 import re
@@ -334,7 +333,6 @@ class SlurmBackend:
             ray.shutdown()
         if callback.refused:  # every trial's job has the same sbatch options: one line, as without ASHA
             raise self.refused(callback.refused)
-
 
     def show_waiting_jobs(self, events: Events, stop: threading.Event) -> None:
         """Each ASHA relay submits its trial's job and names it in ``<key>.job`` until the worker's first report:
