@@ -36,8 +36,8 @@ from .models import create_model
 from .schedule import LRSchedule
 from .steps import AUTOCAST_DTYPES, resolve_precision, resolve_step, sgd
 from .tracking import Tracker
-from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, install_stop_handlers,
-                    log_trial_artifacts, open_run, pick_device, restore_rng, timed, trial_state)
+from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, log_trial_artifacts, open_run,
+                    pick_device, restore_rng, runs_settled_on_exit, stop_signals_asked, timed, trial_state)
 
 # What may differ between the members of one fused group: everything else must be equal.
 FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
@@ -349,31 +349,13 @@ class FusedTrainer:
             if m.cfg.tracking.enabled:
                 m.tracker, m.run_id = open_run(m.cfg, m.key, m.run_id, 1, m.rejected)
             announce_start(m.key, m.folder, states[m.index], m.schedule.total, m.tracker)
-        restore = install_stop_handlers(self.request_stop)
-        try:
-            self.apply_checkpoints(states)  # in the try: checkpoints that do not fit fail the runs, with the reason
+        with stop_signals_asked(self.request_stop), runs_settled_on_exit([m.tracker for m in self.members],
+                                                                          self.end_all):
+            self.apply_checkpoints(states)  # inside: checkpoints that do not fit fail the runs, with the reason
             self.loop()
             final = self.evaluate_all()
             self.save_checkpoints()
             return [self.result(m) if m.failed else self.finish(m, final[m.index]) for m in self.members]
-        except Interrupted:
-            self.end_all("KILLED", "interrupted by a signal; checkpoint written")
-            raise
-        except checkpoint.Superseded:
-            for m in self.members:
-                if m.tracker:
-                    m.tracker.discard()
-            raise
-        except (SystemExit, KeyboardInterrupt):
-            for m in self.members:  # as Trainer: keep the points, leave the status to our owner
-                if m.tracker:
-                    m.tracker.flush()
-            raise
-        except BaseException as err:
-            self.end_all("FAILED", f"{type(err).__name__}: {err}"[:5000])
-            raise
-        finally:
-            restore()
 
     def loop(self) -> None:
         loader = self.train_loaders[0]
@@ -543,10 +525,10 @@ class FusedTrainer:
         return {"status": "FAILED", "trial_key": m.key, "run_id": m.run_id, "iteration": self.iteration,
                 "reason": m.failed}
 
-    def end_all(self, status: str, reason: str) -> None:
+    def end_all(self, status: str, tags: dict[str, str]) -> None:
         for m in self.members:
             if m.tracker and not m.failed:
-                m.tracker.end(status, {"status_reason": reason})
+                m.tracker.end(status, tags)
 
     def group_label(self) -> str:
         return ",".join(m.key[:8] for m in self.members)

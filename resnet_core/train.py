@@ -10,6 +10,7 @@ checkpoint and continues the same MLflow run. A non-finite loss ends the trial a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -110,33 +111,14 @@ class Trainer:
         self.start_tracking(self.run_id)
         if self.env.is_main:
             announce_start(self.key, self.folder, state, self.schedule.total, self.tracker)
-        restore = self.install_signal_handlers()
-        try:
-            if state is not None:  # in the try: a checkpoint that does not fit fails its run, with the reason
-                self.apply_checkpoint(state)
-            self.loop()
-            result = self.finish()
-        except Diverged as err:
-            result = self.fail(str(err))
-        except Interrupted:
-            self.end_tracking("KILLED", {"status_reason": "interrupted by a signal; checkpoint written"})
-            raise
-        except checkpoint.Superseded:
-            if self.tracker:  # the other copy owns the run: no points, no status, no checkpoint from us
-                self.tracker.discard()
-            raise
-        except (SystemExit, KeyboardInterrupt):
-            # Our owner is shutting us down (Ray stopping a trial, Ctrl-C): keep the points, leave the run's
-            # status to the owner; an unmarked RUNNING run is resumed by the next sweep.
-            if self.tracker:
-                self.tracker.flush()
-            raise
-        except BaseException as err:
-            self.end_tracking("FAILED", {"status_reason": f"{type(err).__name__}: {err}"[:5000]})
-            raise
-        finally:
-            restore()
-        return result
+        with stop_signals_asked(self.request_stop), runs_settled_on_exit([self.tracker], self.end_tracking):
+            try:
+                if state is not None:  # in the try: a checkpoint that does not fit fails its run, with the reason
+                    self.apply_checkpoint(state)
+                self.loop()
+                return self.finish()
+            except Diverged as err:
+                return self.fail(str(err))
 
     def loop(self) -> None:
         steps_per_epoch = len(self.train_loader)
@@ -269,9 +251,6 @@ class Trainer:
                             self.run_id, self.key, self.window, self.device)
         checkpoint.save(self.folder, self.iteration, state, self.cfg.checkpoint.keep)
 
-    def install_signal_handlers(self) -> Callable[[], None]:
-        return install_stop_handlers(self.request_stop)
-
     def request_stop(self) -> None:
         self.stop_requested = True
 
@@ -301,11 +280,13 @@ class Trainer:
         log_trial_artifacts(self.tracker, self.cfg, self.step.eval_model().state_dict(), self.train_loader.num_classes)
 
 
-def install_stop_handlers(request_stop: Callable[[], None]) -> Callable[[], None]:
+@contextlib.contextmanager
+def stop_signals_asked(request_stop: Callable[[], None]) -> Iterator[None]:
     """SIGTERM/SIGUSR1 (SLURM, submitit) and Ctrl-C ask for a checkpoint and a clean stop at the next step
-    boundary; a second Ctrl-C stops at once, without one. Returns the undo."""
+    boundary; a second Ctrl-C stops at once, without one. The previous handlers come back on exit."""
     if threading.current_thread() is not threading.main_thread():
-        return lambda: None  # e.g. inside a Ray Tune trial thread: Ray stops trials its own way
+        yield  # e.g. inside a Ray Tune trial thread: Ray stops trials its own way
+        return
     asked = []
 
     def on_signal(signum, frame):
@@ -315,7 +296,35 @@ def install_stop_handlers(request_stop: Callable[[], None]) -> Callable[[], None
         request_stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    return lambda: [signal.signal(s, h) for s, h in previous.items()]
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextlib.contextmanager
+def runs_settled_on_exit(trackers: list[Tracker | None], end: Callable[[str, dict[str, str]], None]) -> Iterator[None]:
+    """What an exception leaving a trial (or a fused group) does to its MLflow runs; ``end(status, tags)``
+    ends the runs still open."""
+    try:
+        yield
+    except Interrupted:
+        end("KILLED", {"status_reason": "interrupted by a signal; checkpoint written"})
+        raise
+    except checkpoint.Superseded:
+        for tracker in filter(None, trackers):  # the other copy owns the run: no points, no status from us
+            tracker.discard()
+        raise
+    except (SystemExit, KeyboardInterrupt):
+        # Our owner is shutting us down (Ray stopping a trial, Ctrl-C): keep the points, leave the run's
+        # status to the owner; an unmarked RUNNING run is resumed by the next sweep.
+        for tracker in filter(None, trackers):
+            tracker.flush()
+        raise
+    except BaseException as err:
+        end("FAILED", {"status_reason": f"{type(err).__name__}: {err}"[:5000]})
+        raise
 
 
 def trial_state(iteration: int, warmup_ended: bool, best_val_error: float, step_state: dict, run_id: str | None,
