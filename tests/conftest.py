@@ -17,10 +17,12 @@ pytest_plugins = ["slurm_cluster"]  # the session-wide local 2-node SLURM cluste
 
 def pytest_collection_modifyitems(config, items):
     skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU (none on this machine)")
+    grouped = config.pluginmanager.hasplugin("xdist")  # absent on the GPU machine
     for item in items:
         if skip and item.get_closest_marker("gpu"):
             item.add_marker(skip)
-        item.add_marker(pytest.mark.xdist_group(parallel_group(item)))
+        if grouped:
+            item.add_marker(pytest.mark.xdist_group(parallel_group(item)))
 
 
 def parallel_group(item: pytest.Item) -> str:

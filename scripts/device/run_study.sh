@@ -139,7 +139,9 @@ stage_fuse_more() {  # the eager fused row and 16 members
 }
 gputests() {  # gputests NAME SECONDS PYTEST_K: the CUDA-only paths against eager steps and across a resume
   fits "$2" "$1" || return 0
-  (cd "$ROOT" && run "$1" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$3")
+  # -o addopts: one process; the machine has no pytest-xdist for pyproject's -n 2 (one GPU: nothing to share)
+  (cd "$ROOT" && run "$1" "$PY" -m pytest -q -p no:cacheprovider -o "addopts=-ra --strict-markers" tests/test_gpu.py \
+     -k "$3")
 }
 stage_gputests()         { gputests gputests 40 "not compile_graph"; }  # first in bench: ~20 s
 stage_gputests_compile() { gputests gputests-compile 60 "compile_graph"; }  # torch.compile: ~40 s
