@@ -225,7 +225,7 @@ def test_trials_that_unpack_one_archive_together_all_get_the_whole_tree(tmp_path
     with tarfile.open(tmp_path / "many.tar.gz", "w:gz") as tar:
         tar.add(tmp_path / "many", arcname="many")
     (tmp_path / "cache").mkdir()
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("spawn")  # a fork of a pytest-xdist worker (threads) hung in CI
     start = ctx.Manager().Barrier(4)
     with ctx.Pool(4) as pool:
         counts = pool.starmap(_unpack_and_count, [(str(tmp_path / "many.tar.gz"), str(tmp_path / "cache"), start)] * 4)
