@@ -212,15 +212,19 @@ class SlurmCluster:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.state(job_id) == "PENDING":
-                # slurmd refuses a launch whose credential was made in the same second as the requeue revoked the
-                # old one (seen: "Killing non-startable batch JobId=114: Job credential revoked", 0.2 s after the
-                # requeue, on the same node): let the clock pass the next whole second first.
-                time.sleep(max(0.0, requeued_at + 2.0 - time.monotonic()))
-                if self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False).returncode == 0:
+                if self.lift_requeue_hold(job_id, requeued_at):
                     return
             elif self.state(job_id) == "RUNNING":
                 return
             time.sleep(0.2)
+
+    def lift_requeue_hold(self, job_id: str | int, requeued_at: float) -> bool:
+        """`scontrol update StartTime=now` on a requeued job that is pending again (requeued_at: time.monotonic()).
+        slurmd refuses a launch whose credential was made in the same second as the requeue revoked the old one
+        (seen: "Killing non-startable batch JobId=114: Job credential revoked", 0.2 s after the requeue, on the
+        same node; the job then ends FAILED): let the clock pass the next whole second first."""
+        time.sleep(max(0.0, requeued_at + 2.0 - time.monotonic()))
+        return self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False).returncode == 0
 
 
 def _read_env_sh(path: Path) -> str | None:

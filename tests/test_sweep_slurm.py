@@ -250,7 +250,7 @@ def test_requeue_resumes_from_checkpoint_in_the_same_run(slurm_cluster, tmp_path
         slurm_cluster.requeue(job_id)
         wait_report(reports, lambda r: r.get("epoch", 0) > first["epoch"] + 2, after=first)
         slurm_cluster.run("scancel", "--signal=USR2", job_id)
-        lift_requeue_hold(slurm_cluster, job_id)
+        start_after_submitit_requeue(slurm_cluster, job_id)
         out, _ = proc.communicate(timeout=240)
     finally:
         if proc.poll() is None:
@@ -342,12 +342,13 @@ def first_job_id(out: Path) -> str:
     return next(iter_until(lambda: [p.name.split("_")[0] for p in (out / "slurm").glob("*/*_submission.sh")], 30))[0]
 
 
-def lift_requeue_hold(cluster, job_id: str, timeout: float = 60) -> None:
-    """submitit requeued the job itself: lift SLURM's hold (BeginTime) once it is pending, as requeue() does."""
+def start_after_submitit_requeue(cluster, job_id: str, timeout: float = 60) -> None:
+    """submitit requeued the job itself: lift SLURM's hold (BeginTime) once it is pending, as requeue() does. The
+    requeue came at the latest when the job is first seen pending (lifted in that same second, the job failed)."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if cluster.state(job_id) == "PENDING":
-            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+            cluster.lift_requeue_hold(job_id, requeued_at=time.monotonic())
             return
         time.sleep(0.3)
     raise TimeoutError(f"job {job_id} was not requeued by submitit within {timeout:.0f} s")
