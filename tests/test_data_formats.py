@@ -231,3 +231,41 @@ def test_trials_that_unpack_one_archive_together_all_get_the_whole_tree(tmp_path
         counts = pool.starmap(_unpack_and_count, [(str(tmp_path / "many.tar.gz"), str(tmp_path / "cache"), start)] * 4)
     assert counts == [3001] * 4  # the files and the completion marker, in every process
     assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("many-")]) == 1
+
+
+def _decode_and_log(cfg: DataConfig, log: str, start) -> int:
+    """A trial reading a JPEG folder's train split; every decode it does is logged (and takes 1 s, as 60k do)."""
+    import time
+    from resnet_core.data import formats
+    decode = formats.decode_many
+
+    def logged(files):
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(1.0)
+        return decode(files)
+    formats.decode_many = logged
+    start.wait()
+    return int(formats.open_dataset(cfg).arrays("train").astype(np.int64).sum())
+
+
+def test_trials_that_start_together_decode_a_jpeg_folder_once(jpeg_folder, tmp_path):
+    """Packed trials on one machine: one decodes the split (on every core), the others wait and load its .npy."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Manager().Barrier(3)
+    with ctx.Pool(3) as pool:
+        sums = pool.starmap(_decode_and_log, [(cfg_for(jpeg_folder, tmp_path), str(tmp_path / "decodes"), start)] * 3)
+    assert len((tmp_path / "decodes").read_text().split()) == 1
+    assert len(set(sums)) == 1 and sums[0] > 0
+
+
+def test_a_pool_worker_decodes_too(jpeg_folder):
+    """A daemonic process (a multiprocessing.Pool worker, as a user's own launcher may be) may not start the
+    decoding processes: it decodes in itself."""
+    import multiprocessing
+    from resnet_core.data.formats import DECODE_CHUNK, decode_many
+    files = [str(next(Path(jpeg_folder).rglob("*.jpg")))] * (2 * DECODE_CHUNK + 1)  # enough for several processes
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        images = pool.apply(decode_many, (files,))
+    assert images.shape[0] == len(files) and (images == images[0]).all()

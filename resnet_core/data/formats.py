@@ -7,6 +7,7 @@ Paper Sec. 4.2: the 45k/5k train/val split is `val_split: 5000` (seeded, class-s
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -135,8 +136,7 @@ def unpack_archive(archive: Path, cache_root: Path) -> Path:
     target = cache_root / f"{archive.name.split('.')[0]}-{archive_identity(archive)}"
     if _unpacked_ok(target, stat.st_size):
         return target
-    with open(cache_root / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+    with _taking_turns(cache_root, target.name):
         if _unpacked_ok(target, stat.st_size):  # another process unpacked it while we waited
             return target
         scratch = cache_root / f".{target.name}.partial-{os.getpid()}"
@@ -149,6 +149,16 @@ def unpack_archive(archive: Path, cache_root: Path) -> Path:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
     return target
+
+
+@contextlib.contextmanager
+def _taking_turns(cache_root: Path, entry: str):
+    """Processes that need one cache entry (trials starting together, the ranks of one trial) take turns: the
+    first makes it, the others wait, then find it made. The lock is released when its file closes, also if the
+    process holding it dies."""
+    with open(cache_root / f".{entry}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def archive_identity(archive: Path, edge: int = 2**20) -> str:
@@ -326,10 +336,13 @@ def _decoded_cache(files: list[str], cache_root: Path, root: str, source: str) -
     cached = cache_root / f"decoded-{Path(root).name}-{source}-{key}.npy"
     if cached.is_file():
         return np.load(cached)
-    images = decode_many(files)
-    scratch = cached.with_suffix(f".partial-{os.getpid()}.npy")
-    np.save(scratch, images)
-    os.replace(scratch, cached)  # atomic: concurrent ranks never read half a file
+    with _taking_turns(cache_root, cached.name):  # packed trials: one decodes (on every core), not each of them
+        if cached.is_file():
+            return np.load(cached)
+        images = decode_many(files)
+        scratch = cached.with_suffix(f".partial-{os.getpid()}.npy")
+        np.save(scratch, images)
+        os.replace(scratch, cached)  # atomic: a reader that skipped the lock never reads half a file
     return images
 
 
@@ -344,6 +357,8 @@ def decode_many(files: list[str]) -> np.ndarray:
     """
     chunks = [files[i:i + DECODE_CHUNK] for i in range(0, len(files), DECODE_CHUNK)]
     workers = min(len(chunks), os.cpu_count() or 1)
+    if multiprocessing.current_process().daemon:  # a multiprocessing.Pool worker may not start processes
+        workers = 1
     if workers <= 1:
         parts = [_decode_chunk(chunk) for chunk in chunks]
     else:
