@@ -6,6 +6,7 @@ results, so a sweep can tell finished trials from new ones on any backend.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -185,14 +186,21 @@ class TrainConfig(Section):
     def _model_builds(self) -> "TrainConfig":
         if not is_model(self.model.name):
             raise ValueError(f"model.name: unknown model {self.model.name!r}; valid: {', '.join(list_models())}")
-        import torch
         try:
-            with torch.device("meta"):  # validates depth/shortcut/unit without allocating anything
-                create_model(self.model.name, **self.model.overrides())
+            _check_model_builds(self.model.name, tuple(sorted(self.model.overrides().items())))
         except ValueError as err:
             key = next((f"model.{k}" for k in ("depth", "shortcut", "unit", "plain") if k in str(err)), "model")
             raise ValueError(f"{key}: {err}") from None
         return self
+
+
+@functools.lru_cache(maxsize=None)
+def _check_model_builds(name: str, overrides: tuple) -> None:
+    """Builds the model on the meta device: validates depth/shortcut/unit without allocating anything. Once per
+    architecture: a 30-trial dry run validated its 10 models 60 times (3.3 s)."""
+    import torch
+    with torch.device("meta"):
+        create_model(name, **dict(overrides))
 
 
 # Fields that do not change what a trial computes: excluded from its key, so re-running with another log
