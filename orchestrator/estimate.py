@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import functools
 
-from resnet_core.config import GRAPH_STEPS, TrainConfig
+from resnet_core.config import GRAPH_STEPS, ModelConfig, TrainConfig, meta_model
 
 # Model multiply-adds per image -> training images/s on one GPU. CIFAR ResNet-20, -56, -110: measured on one
 # H100, batch 128, bf16, the whole step in one CUDA graph (../shared/docs/gpu.md). ResNet-50 (3.86G as counted
@@ -27,17 +27,15 @@ DEFAULT_GPU_MEMORY_GB = 80.0  # an H100, the GPU this project targets, when neit
 
 
 @functools.lru_cache(maxsize=None)
-def _model_facts(name: str, overrides: tuple) -> tuple[int, int]:
+def _model_facts(model: ModelConfig) -> tuple[int, int]:
     """(multiply-adds per image, native input size), from the model built on the meta device."""
-    import torch
-    from resnet_core.models import count_multiply_adds, create_model
-    with torch.device("meta"):
-        model = create_model(name, **dict(overrides))
-        return count_multiply_adds(model), model.input_size
+    from resnet_core.models import count_multiply_adds
+    net = meta_model(model)
+    return count_multiply_adds(net), net.input_size
 
 
 def model_multiply_adds(cfg: TrainConfig) -> int:
-    return _model_facts(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))[0]
+    return _model_facts(cfg.model)[0]
 
 
 def train_images(cfg: TrainConfig) -> int:
@@ -81,16 +79,13 @@ def gpu_hours(cfg: TrainConfig) -> float:
 
 
 def is_imagenet_sized(cfg: TrainConfig) -> bool:
-    return _model_facts(cfg.model.name, tuple(sorted(cfg.model.overrides().items())))[1] > 64
+    return _model_facts(cfg.model)[1] > 64
 
 
 @functools.lru_cache(maxsize=None)
-def _model_training_bytes(name: str, overrides: tuple, batch_size: int) -> int:
-    import torch
-    from resnet_core.models import create_model
+def _model_training_bytes(model: ModelConfig, batch_size: int) -> int:
     from resnet_core.models.memory import training_memory_bytes
-    with torch.device("meta"):
-        return training_memory_bytes(create_model(name, **dict(overrides)), batch_size)
+    return training_memory_bytes(meta_model(model), batch_size)
 
 
 def trial_gpu_memory_bytes(cfg: TrainConfig, members: int = 1, ranks: int = 1) -> int:
@@ -98,7 +93,7 @@ def trial_gpu_memory_bytes(cfg: TrainConfig, members: int = 1, ranks: int = 1) -
     and saved activations counted at fp32 on the meta device (an upper bound for bf16), the data the gpu loader
     holds, and the CUDA context."""
     batch = max(1, cfg.batch_size // ranks)
-    per_member = _model_training_bytes(cfg.model.name, tuple(sorted(cfg.model.overrides().items())), batch)
+    per_member = _model_training_bytes(cfg.model, batch)
     return members * per_member + gpu_loader_bytes(cfg) + CUDA_CONTEXT_BYTES
 
 
