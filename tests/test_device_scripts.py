@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -77,9 +78,15 @@ def test_unpack_extracts_a_whole_bundle_at_once_and_a_split_one_when_its_last_pi
                f"extra.tar.xz {hashlib.sha256(extra).hexdigest()} 2\n").encode()
     make_part(root / ".device" / "p1", {"core.tar.xz": core, "BUNDLES": bundles, "NPARTS": b"3\n"})
     make_part(root / ".device" / "p2", {"extra.tar.xz.part-00": extra[:half]})
+    broken = site / "nvidia" / "dali"  # a package that is there but does not import, as DALI without a driver
+    broken.mkdir(parents=True)
+    (site / "nvidia" / "__init__.py").write_text("")
+    (broken / "__init__.py").write_text("raise ImportError('libcuda.so.1: cannot open shared object file')\n")
     out = unpack(root, tmp_path)
     assert (site / "core_mod.py").read_text() == "NAME = 'core_mod'\n"
     assert "extra.tar.xz: 1 of 2 pieces here; waiting" in out and not (site / "extra_mod.py").exists()
+    # a package that does not import says why, so a gap in the image shows before the stages that need it
+    assert re.search(r"unpack: nvidia dali +missing \(ImportError: libcuda.so.1: cannot open", out), out
 
     # the next call carries the last piece; a damaged part is refused by name and changes nothing
     make_part(root / ".device" / "p3", {"extra.tar.xz.part-01": extra[half:]})

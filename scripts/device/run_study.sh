@@ -220,7 +220,7 @@ stage_collect() {  # one file: the MLflow store, reports, spec, artifacts but we
   local list; list=$(mktemp)
   (cd / && for p in "$STUDY/mlruns.db" "$STUDY/reports" "$STUDY"/*.yaml "$STUDY/mlruns-artifacts" "$STUDY/sweep/ray"; do
      [ -e "$p" ] && echo "${p#/}"; done) > "$list"
-  local ray_logs; ray_logs=$(ls -d /tmp/ray/session_*/logs 2>/dev/null | tail -2)
+  local ray_logs; ray_logs=$(ls -d /tmp/ray/session_2*/logs 2>/dev/null | tail -2)
   tar -C / -czf "$OUT/results.tar.gz" --exclude='*.pt' --exclude='checkpoint_*' -T "$list" \
     $(for d in $ray_logs; do ls "$d"/worker-*.err "$d"/worker-*.out "$d"/raylet.out 2>/dev/null | sed 's#^/##' | head -60; done) \
     2>/dev/null

@@ -60,14 +60,14 @@ _unpack_main() {
 import importlib, sys, time
 from pathlib import Path
 def have(mod):
+    """'ready <version>', or 'missing (<why>)': a package the image lacks shows here, not as a later traceback."""
     try:
-        m = importlib.import_module(mod); return getattr(m, "__version__", "ok")
+        m = importlib.import_module(mod); return f"ready {getattr(m, '__version__', '')}"
     except Exception as e:
-        return None
-rows = {"pydantic (configs)": "pydantic", "mlflow client": "mlflow", "ray tune": "ray", "nvidia dali": "nvidia.dali"}
+        return f"missing ({type(e).__name__}: {e})"
+rows = {"pydantic (configs)": "pydantic", "mlflow client": "mlflow", "ray tune": "ray.tune", "nvidia dali": "nvidia.dali"}
 for label, mod in rows.items():
-    v = have(mod)
-    print(f"unpack: {label:20s} {'ready ' + str(v) if v else 'missing'}")
+    print(f"unpack: {label:20s} {have(mod)}")
 # version conflicts between what we carried and what the image has (missing optional deps are expected)
 try:
     import importlib.metadata as md, os
