@@ -14,7 +14,8 @@ from .estimate import EAGER_SLOWDOWN, gpu_hours
 from .ledger import RESUME, SKIP_FAILED, Ledger
 from .progress import SweepProgress
 from .spec import SpecError, load_cluster_profile, load_spec
-from .trials import FusedGroup, SweepContext, Trial, check_data_exists, check_gpu_memory, expand, fuse, gpu_memory_plan
+from .trials import (FusedGroup, SweepContext, Trial, check_data_exists, check_gpu_memory, expand, fuse,
+                     gpu_memory_plan, resume_iteration)
 
 
 def absolute_uri(uri: str) -> str:
@@ -128,16 +129,25 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
     return "\n".join(lines)
 
 
-def mark_interrupted(ctx: SweepContext, progress: SweepProgress) -> None:
+def mark_interrupted(ctx: SweepContext, progress: SweepProgress, trials: list[Trial]) -> None:
     """Runs of trials the stopped sweep was running end KILLED with the reason (a re-run resumes them): left
     RUNNING, the MLflow UI and `status` showed dead trials as running."""
-    running = {key for key, view in progress.trials.items() if view.state == "running"}
+    running = {t.key: t for t in trials if t.key in progress.trials and progress.trials[t.key].state == "running"}
     ledger = Ledger(ctx.tracking_uri, ctx.spec.name, create=False)
     for key, run in ledger.trial_runs().items():
         if key in running and run.info.status == "RUNNING":
             ledger.client.set_tag(run.info.run_id, "status_reason", "interrupted: the sweep was stopped; the same "
-                                  "orchestrate sweep command resumes it from its checkpoint")
+                                  f"orchestrate sweep command resumes it {resume_point(running[key])}")
             ledger.client.set_terminated(run.info.run_id, status="KILLED")
+
+
+def resume_point(trial: Trial) -> str:
+    """Where an interrupted trial starts again. A Ray trial is not checkpointed when the sweep stops (it trains
+    in a Tune actor's thread, which gets no signal), so it restarts from its last periodic checkpoint."""
+    iteration = resume_iteration(trial)
+    if iteration:
+        return f"from its checkpoint at iteration {iteration}"
+    return "from iteration 0 (it stopped before its first checkpoint: checkpoint.every)"
 
 
 def foreign_runs_message(ctx: SweepContext, count: int) -> str:
@@ -236,7 +246,7 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
                     raise KeyboardInterrupt
             except KeyboardInterrupt:
                 try:
-                    mark_interrupted(ctx, progress)
+                    mark_interrupted(ctx, progress, plan.to_run)
                 except Exception as err:  # the store gone too: the runs stay RUNNING, a re-run still resumes them
                     progress.log(f"could not mark the interrupted trials' runs: {str(err).splitlines()[0][:200]}")
                 raise

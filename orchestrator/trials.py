@@ -210,11 +210,11 @@ def fuse(ctx: SweepContext, trials: list[Trial]) -> list[Trial | FusedGroup]:
 def resume_iteration(trial: Trial) -> int:
     """The iteration a trial resumes at: its newest checkpoint's, by name (a fused group's members must share it;
     a corrupt newest file, found only on loading, can still split them: the group then fails with the reason)."""
-    from resnet_core.checkpoint import NAME, checkpoint_files
+    from resnet_core.checkpoint import checkpoint_files, checkpoint_iteration
     if not trial.config.checkpoint.resume:
         return 0
     newest = checkpoint_files(Path(trial.config.checkpoint.root) / trial.key)[:1]
-    return int(NAME.match(newest[0].name).group(1)) if newest else 0
+    return checkpoint_iteration(newest[0]) if newest else 0
 
 
 GPU_MEMORY_HEADROOM = 0.9  # leave 10% of the card for fragmentation and what the estimate misses

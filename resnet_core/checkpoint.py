@@ -68,7 +68,11 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [p for p in folder.iterdir() if NAME.match(p.name)]
-    return sorted(found, key=lambda p: int(NAME.match(p.name).group(1)), reverse=True)
+    return sorted(found, key=checkpoint_iteration, reverse=True)
+
+
+def checkpoint_iteration(path: Path) -> int:
+    return int(NAME.match(path.name).group(1))
 
 
 def save(folder: Path, iteration: int, state: dict[str, Any], keep: int) -> Path:
@@ -93,7 +97,7 @@ def save(folder: Path, iteration: int, state: dict[str, Any], keep: int) -> Path
     # An earlier file of the same iteration (the loop's, then the final one's) is superseded: kept, it pushed the
     # previous iteration's fallback out of `keep`, and which of the two was "newest" was left to the folder order.
     for same in checkpoint_files(folder):
-        if same != final and int(NAME.match(same.name).group(1)) == iteration:
+        if same != final and checkpoint_iteration(same) == iteration:
             same.unlink(missing_ok=True)
     for old in checkpoint_files(folder)[keep:]:
         old.unlink(missing_ok=True)

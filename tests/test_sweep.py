@@ -4,6 +4,7 @@ effects, and refuses malformed specs with one line naming the key."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -184,6 +185,9 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path, 
     assert orchestrate(["status", "smoke", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0
     said = " ".join(capsys.readouterr().out.split())
     assert "interrupted: the sweep was stopped" in said or "interrupted by a signal" in said, said
+    if "interrupted: the sweep was stopped" in said:  # and from where it will train again
+        resumes = r"resumes it from (its checkpoint at iteration \d+|iteration 0 \(it stopped before)"
+        assert re.search(resumes, said), said
     if "have no run yet" in said:
         assert f"`orchestrate sweep {spec} --set max_concurrent=2`" in said, said
     output = finish(sweep(tmp_path, spec))
@@ -444,7 +448,8 @@ def test_asking_for_a_gpu_the_local_ray_lacks_is_one_line_not_a_wait_for_ever(tm
     proc = sweep(tmp_path, spec)
     output, _ = proc.communicate(timeout=120)  # Tune alone would wait, warning once a minute
     assert proc.returncode == 2, output[-2000:]
-    assert "resources.gpus: each trial asks for 0.5 GPU but the Ray started on this machine has 0" in output
+    assert "resources.gpus: each trial asks for 0.5 GPU but this machine has 0" in output, output[-2000:]
+    assert "CUDA MPS" not in output  # refused before MPS and Ray start, not after ~20 s of them
     assert trial_runs(tmp_path, "smoke") == []
     # nor a recorded plan (`status` listed the refused sweep with 4 trials "not started"), nor an empty experiment
     # (the UI listed it)
