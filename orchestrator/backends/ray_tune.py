@@ -159,6 +159,10 @@ class RayTuneBackend:
             return
         self._stack = contextlib.ExitStack()
         try:
+            if not self.address:  # before MPS and Ray start (~20 s): a machine without the GPUs asked says so now
+                import torch
+                check_fits_this_machine(self.spec.resources, {"GPU": torch.cuda.device_count(), "CPU": os.cpu_count()},
+                                        "this machine")
             if 0 < self.spec.resources.gpus < 1 and not self.address:
                 self._stack.enter_context(mps_daemon(say))  # first: the Ray workers started next inherit its pipe
             self.start_ray()
@@ -253,14 +257,16 @@ def start_local_ray() -> None:
     sigterm_as_ctrl_c()
 
 
-def check_fits_this_machine(resources, available: dict[str, float]) -> None:
+def check_fits_this_machine(resources, available: dict[str, float],
+                            where: str = "the Ray started on this machine") -> None:
     """A trial that asks for more than the local Ray has would wait for ever (Tune only warns, every minute).
     A remote cluster may be autoscaling, so only the Ray started here is checked."""
     for key, name in (("gpus", "GPU"), ("cpus", "CPU")):
         asked, have = getattr(resources, key), available.get(name, 0)
         if asked > have:
-            raise UserError(f"resources.{key}: each trial asks for {asked:g} {name} but the Ray started on this "
-                            f"machine has {have:g} (no CUDA GPU visible?); lower it, or use a Ray cluster with GPUs (ray.address in a cluster profile)")
+            raise UserError(f"resources.{key}: each trial asks for {asked:g} {name} but {where} has {have:g} "
+                            "(no CUDA GPU visible?); lower it, or use a Ray cluster with GPUs (ray.address in a "
+                            "cluster profile)")
 
 
 class EventsCallback(tune.Callback):
