@@ -337,6 +337,14 @@ def check_model_name_agrees(tree: dict) -> None:
                           f"twin ({name.replace('plain', 'resnet', 1)})")
 
 
+def name_the_reshaped_default(tree: dict) -> None:
+    """model.depth or model.plain without model.name re-shape the default resnet20: name the family builder that
+    takes them (resnet_cifar, plain_cifar), or `--set model.depth=56` ran a run labelled resnet20."""
+    model = tree.get("model")
+    if isinstance(model, dict) and "name" not in model and {"depth", "plain"} & model.keys():
+        model["name"] = "plain_cifar" if model.get("plain") is True else "resnet_cifar"
+
+
 def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...] = (),
                  check_names: bool = False) -> TrainConfig:
     """``check_names``: the tree is what a user wrote (a file, --set, a sweep's base and space), not a resolved
@@ -345,6 +353,7 @@ def build_config(tree: dict | None = None, overrides: list[str] | tuple[str, ...
     for text in overrides:
         set_dotted(tree, *parse_override(text))
     if check_names:
+        name_the_reshaped_default(tree)
         check_model_name_agrees(tree)
     try:
         return TrainConfig.model_validate(tree)

@@ -318,6 +318,9 @@ def test_a_model_name_and_a_setting_that_contradicts_it_are_refused():
     # the default name may be re-shaped, and its resolved config (name written out) read back by a worker
     resolved = build_config({"model": {"depth": 56}}, check_names=True)
     assert build_config(resolved.model_dump(mode="json")).model.depth == 56
+    # ... and is then named for what it builds, not resnet20 (the run, report and ensemble show the name)
+    assert resolved.model.name == "resnet_cifar"
+    assert build_config({"model": {"plain": True}}, check_names=True).model.name == "plain_cifar"
 
 
 def test_a_bad_key_is_blamed_on_the_set_or_the_file_that_wrote_it(tmp_path):
