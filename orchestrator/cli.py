@@ -5,6 +5,7 @@ fast and a missing optional dependency of one command never breaks the others.
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import sys
 
@@ -38,7 +39,8 @@ def console():
     return Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 
 
-def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
+    """The top-level parser and each command's own (whose errors show that command's usage)."""
     parser = argparse.ArgumentParser(prog="orchestrate", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
@@ -47,7 +49,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
         p.set_defaults(module=module)
         if name == chosen:  # its arguments are declared by its module (heavy imports live in run())
             importlib.import_module(f"orchestrator.commands.{module}").add_parser(p)
-    return parser
+    return parser, sub.choices
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     if "--set" in argv:
         from resnet_core.config import one_value_per_set
         argv = one_value_per_set(argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    parser, commands = build_parser(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse blamed the top level ("usage: orchestrate [-h] COMMAND ..."); blame the command
+        where = commands.get(args.command, parser)
+        options = [o for o in where._option_string_actions if o.startswith("--") and o != "--help"]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], options, n=1)
+        where.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {close[0]}?)" if close else ""))
     if not args.command:
         parser.print_help()
         return 0

@@ -393,6 +393,15 @@ def test_malformed_spec_is_one_line_naming_the_key_and_nothing_happens(tmp_path,
     assert not (tmp_path / "m.db").exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_mistyped_option_shows_its_command_usage_and_the_option_it_meant(capsys):
+    """It showed "usage: orchestrate [-h] COMMAND ..." and no hint, whichever command was mistyped."""
+    with pytest.raises(SystemExit) as stopped:
+        orchestrate(["sweep", "sweeps/smoke.yaml", "--dryrun"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.startswith("usage: orchestrate sweep "), err
+    assert err.strip().endswith("error: unrecognized arguments: --dryrun (did you mean --dry-run?)"), err
+
+
 @pytest.mark.parametrize("text,message", [
     ("name: [unclosed", "not valid YAML"),
     ("name: x\nbase: {model: {depth: 8}\nspace: {}\n", "bad.yaml:3:1: not valid YAML (expected ',' or '}', but got '<scalar>')"),
