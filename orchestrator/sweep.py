@@ -126,6 +126,9 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
                   f"{'; as if ASHA stopped none, an upper bound' if ctx.spec.scheduler.asha else ''}"
                   f"{'; this sweep asks for no GPU: what the trials would take on one' if not r.gpus else ''})",
               "dry run: nothing submitted, nothing logged"]
+    warnings = sum(line.startswith("warning: ") for line in lines)
+    if warnings:  # above the trials: 30 of them scroll it away
+        lines[-1] += f"; {warnings} warning(s) at the top"
     return "\n".join(lines)
 
 

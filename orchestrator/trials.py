@@ -143,7 +143,8 @@ def check_data_exists(ctx: SweepContext, trials: list[Trial]) -> None:
         try:
             resolve_path(path)
         except (FileNotFoundError, ValueError) as err:
-            raise SpecError(f"{ctx.spec_path}: base.data.path: {err}") from None
+            key = "space.data.path" if "data.path" in ctx.spec.space else "base.data.path"
+            raise SpecError(f"{ctx.spec_path}: {key}: {str(err).removeprefix('data.path: ')}") from None
 
 
 REPORTED_METRICS = ("val_error", "val_loss", "test_error", "test_loss")

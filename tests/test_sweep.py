@@ -315,6 +315,7 @@ def test_every_shipped_sweep_dry_runs(name, capsys):
     assert "warning: schedule" not in out, out
     if name == "imagenet_depth":  # ImageNet is not on this machine: said, but a login node's dry run goes on
         assert "warning:" in out and "base.data.path" in out and "/datasets/imagenet" in out
+        assert out.strip().endswith("nothing logged; 1 warning(s) at the top"), out[-300:]  # not scrolled away
 
 
 def test_a_real_run_stops_on_missing_data_before_anything_starts(tmp_path, capsys):
@@ -340,7 +341,7 @@ MALFORMED = [
     ({"name": "x", "space": {"model.depth": [20, 21]}}, "model.depth: depth 21 is not 6n+2"),
     ({"name": "x", "backend": "slurm", "resources": {"gpus": 0.5, "nodes": 2}}, "cannot span 2 nodes"),
     ({"name": "x", "backend": "kubernetes"}, "backend: unknown backend 'kubernetes'"),
-    ({"name": "x", "base": {**BASE, "data": {"path": "/no/such/data"}}}, "base.data.path: data.path: /no/such/data"),
+    ({"name": "x", "base": {**BASE, "data": {"path": "/no/such/data"}}}, "base.data.path: /no/such/data does not exist"),
     ({"name": "x", "base": {**BASE, "optim": {"lrr": 0.1}}, "space": {"seed": [0, 1]}},
      "bad.yaml: base.optim.lrr: unknown key"),  # was blamed on the first trial, "trial seed=0"
     ({"name": "x", "seed": [0, 1]}, "seed: is the seed of the space's sampling, one integer; to train with several"),

@@ -99,7 +99,7 @@ def _open(cfg: DataConfig) -> Dataset:
 def resolve_path(raw: str, download: bool = False) -> Path:
     """A relative path is tried against the working directory, then the project root (SLURM jobs start elsewhere)."""
     path = Path(raw).expanduser()
-    candidates = [path] if path.is_absolute() else [Path.cwd() / path, PROJECT_ROOT / path]
+    candidates = [path] if path.is_absolute() else list(dict.fromkeys([Path.cwd() / path, PROJECT_ROOT / path]))
     for candidate in candidates:
         if candidate.exists():
             return candidate.resolve()
