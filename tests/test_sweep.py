@@ -341,7 +341,8 @@ MALFORMED = [
     ({"name": "x", "space": {"model.depth": [20, 21]}}, "model.depth: depth 21 is not 6n+2"),
     ({"name": "x", "backend": "slurm", "resources": {"gpus": 0.5, "nodes": 2}}, "cannot span 2 nodes"),
     ({"name": "x", "backend": "kubernetes"}, "backend: unknown backend 'kubernetes'"),
-    ({"name": "x", "base": {**BASE, "data": {"path": "/no/such/data"}}}, "base.data.path: /no/such/data does not exist"),
+    ({"name": "x", "base": {**BASE, "data": {"path": "/no/such/data"}}},
+     "base.data.path: /no/such/data does not exist"),
     ({"name": "x", "base": {**BASE, "optim": {"lrr": 0.1}}, "space": {"seed": [0, 1]}},
      "bad.yaml: base.optim.lrr: unknown key"),  # was blamed on the first trial, "trial seed=0"
     ({"name": "x", "seed": [0, 1]}, "seed: is the seed of the space's sampling, one integer; to train with several"),
