@@ -43,8 +43,8 @@ def check_store(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         path = Path(uri.removeprefix("sqlite:///"))
         if not path.exists():
-            raise UserError(f"no MLflow store at {path.resolve()} (tracking URI {uri}); pass --tracking-uri or "
-                            f"set MLFLOW_TRACKING_URI")
+            raise UserError(f"no MLflow store at {path.resolve()} (tracking URI {uri}); name the store the runs "
+                            "went to with --tracking-uri or MLFLOW_TRACKING_URI")
     check_store_usable(uri)
 
 
