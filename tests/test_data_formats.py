@@ -64,10 +64,11 @@ def test_val_folder_is_accepted_as_the_test_split(tmp_path):
     assert labels.tolist() == [0, 1, 2] and names == ["airplane", "cat", "dog"]
 
 
-def test_tar_gz_unpacked_once_verified_and_reused(png_folder, tmp_path):
+def test_tar_gz_unpacked_once_verified_and_reused(png_folder, tmp_path, capfd):
     archive = write_tar_gz(png_folder, tmp_path / "pngs.tar.gz")
     cfg = cfg_for(archive, tmp_path)
     images, labels, names = load_split(cfg, "train")
+    assert f"data: unpacking {archive} into " in capfd.readouterr().err  # the first use's pause is explained
     assert names == ["airplane", "cat", "dog"] and np.array_equal(images[13], known_image(1, 5))
     unpacked = [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("pngs-")]
     assert len(unpacked) == 1 and (unpacked[0] / ".unpacked.json").is_file()
@@ -75,6 +76,7 @@ def test_tar_gz_unpacked_once_verified_and_reused(png_folder, tmp_path):
     open_dataset.__globals__["_OPENED"].clear()  # a new process would not have it opened
     assert np.array_equal(load_split(cfg, "train")[0], images)
     assert (unpacked[0] / ".unpacked.json").stat().st_mtime_ns == marker_time  # reused, not re-extracted
+    assert "data: unpacking" not in capfd.readouterr().err
     copy = tmp_path / "elsewhere" / "pngs.tar.gz"  # a copy (new path, new mtime) is the same data
     copy.parent.mkdir()
     copy.write_bytes(archive.read_bytes())
@@ -97,15 +99,17 @@ def test_truncated_tar_gz_is_a_one_line_error_naming_it(png_folder, tmp_path):
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith("broken")]  # nothing half-unpacked kept
 
 
-def test_decoded_arrays_are_cached_and_reused(jpeg_folder, tmp_path):
+def test_decoded_arrays_are_cached_and_reused(jpeg_folder, tmp_path, capfd):
     cfg = cfg_for(jpeg_folder, tmp_path)
     first = load_split(cfg, "train")[0]
+    assert f"data: decoding the {len(first)} train images of " in capfd.readouterr().err
     cached = list((tmp_path / "cache").glob("decoded-jpegs-train-*.npy"))
     assert len(cached) == 1
     cached[0].write_bytes(b"")  # would crash if read again...
     np.save(cached[0], first + 1)  # ...so plant recognisable content: a reload must come from the cache
     open_dataset.__globals__["_OPENED"].clear()
     assert np.array_equal(load_split(cfg, "train")[0], first + 1)
+    assert "data: decoding" not in capfd.readouterr().err
 
 
 def test_synthetic_is_seeded_and_sized():
