@@ -111,6 +111,11 @@ class Trainer:
         self.start_tracking(self.run_id)
         if self.env.is_main:
             announce_start(self.key, self.folder, state, self.schedule.total, self.tracker)
+            # the first evaluation line comes after an epoch: minutes on a CPU, where a run looked hung
+            start = state["iteration"] if state else 0
+            print(f"trial {self.key[:8]}: {self.cfg.model.name} on {self.device}, iteration {start}/"
+                  f"{self.schedule.total} ({len(self.train_loader)} an epoch); a line after each evaluation, "
+                  f"every {self.cfg.eval.every_epochs} epoch(s)", file=sys.stderr, flush=True)
         with stop_signals_asked(self.request_stop), runs_settled_on_exit([self.tracker], self.end_tracking):
             try:
                 if state is not None:  # in the try: a checkpoint that does not fit fails its run, with the reason

@@ -3,6 +3,7 @@ fails diverged runs, and trains the same under torchrun (1 node, 2 "nodes") and 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -307,6 +308,8 @@ def test_train_without_a_tracking_uri_uses_the_environments_or_the_default_store
     proc = subprocess.run([BIN / "orchestrate", "train", write_config(tmp_path, cfg)], capture_output=True,
                           text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # where it stands, before the first evaluation line (an epoch later: ~30 min for ResNet-56 on a CPU)
+    assert re.search(r"trial \w{8}: resnet_cifar on cpu, iteration 0/4 \(\d+ an epoch\)", proc.stderr), proc.stderr
     store = tmp_path / ("from-env.db" if env_uri else "mlruns.db")
     assert len(runs_of({"tracking": {"uri": f"sqlite:///{store}", "experiment": "worker"}})) == 1
 
