@@ -197,6 +197,10 @@ def test_ranking_on_the_test_set_says_the_ensemble_is_optimistic(smoke_sweep, tm
     assert main(["ensemble", "--top", "2", "--metric", "test_error", "--tracking-uri", smoke_sweep.uri, "--no-log",
                  "--cache", str(tmp_path / "cache")]) == 0
     assert "its test error is optimistic" in " ".join(capsys.readouterr().out.split())
+    # greedy weights fitted on val and measured on val: the gain it reported was the fit's, not a fair one
+    assert main(["ensemble", "--top", "2", "--method", "greedy", "--split", "val", "--tracking-uri", smoke_sweep.uri,
+                 "--no-log", "--cache", str(tmp_path / "cache")]) == 0
+    assert "members and weights are chosen on the val split" in " ".join(capsys.readouterr().out.split())
 
 
 def test_unknown_sweep_lists_the_sweeps(smoke_sweep, capsys):

@@ -46,6 +46,10 @@ def run(args: argparse.Namespace) -> int:
     if args.metric.startswith("test_") and args.split == "test":
         screen.print(f"[yellow]--metric {args.metric}: members are chosen on the test set the ensemble is measured "
                      "on, so its test error is optimistic; rank by val_error (set data.val_split) for a fair one[/yellow]")
+    elif args.split == "val" and (args.metric.startswith("val_") or args.method != "mean"):
+        chosen = "members and weights are" if args.method != "mean" else "members are"
+        screen.print(f"[yellow]--split val: {chosen} chosen on the val split the ensemble is measured on, so its "
+                     "val error and gain are optimistic; measure on --split test for a fair one[/yellow]")
     client = open_client(args.tracking_uri)
     experiment = sweep_experiment(client, args.sweep)
     result = build_ensemble(client, experiment, top=args.top, metric=args.metric, split=args.split,
