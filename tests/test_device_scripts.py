@@ -25,8 +25,9 @@ def bench(*args: str) -> list[dict]:
 def test_bench_train_times_a_fused_group_and_refuses_graph_on_cpu():
     eager, graph = bench("--steps", "eager,graph", "--fuse", "3")
     assert eager["fuse"] == 3 and eager["steps"] == 2 and eager["images_per_s"] > 0
-    # all members' images count (seconds is rounded to 0.1 ms in the row, hence approx)
-    assert eager["images_per_s"] == pytest.approx(2 * 16 * 3 / eager["seconds"], rel=2e-3)
+    # all members' images count (the row rounds seconds to 0.1 ms and images/s to 0.1: at 14.6 img/s on a loaded
+    # CI machine that alone was 0.3%, past a relative tolerance)
+    assert eager["images_per_s"] == pytest.approx(2 * 16 * 3 / eager["seconds"], rel=2e-3, abs=0.051)
     assert 0 < eager["est_mem_gb"] < 1
     assert "needs a CUDA GPU" in graph["error"]
 
