@@ -140,7 +140,7 @@ def unpack_archive(archive: Path, cache_root: Path) -> Path:
     with _taking_turns(cache_root, target.name):
         if _unpacked_ok(target, stat.st_size):  # another process unpacked it while we waited
             return target
-        say_once(f"unpacking {archive} into {target}")
+        say_first_use(f"unpacking {archive} into {target}")
         scratch = cache_root / f".{target.name}.partial-{os.getpid()}"
         shutil.rmtree(scratch, ignore_errors=True)
         try:
@@ -153,7 +153,7 @@ def unpack_archive(archive: Path, cache_root: Path) -> Path:
     return target
 
 
-def say_once(doing: str) -> None:
+def say_first_use(doing: str) -> None:
     """The first use of a dataset pauses for a while (CIFAR-10's JPEGs: ~1 min on 2 cores): say why."""
     print(f"data: {doing} (once: later runs reuse it)", file=sys.stderr, flush=True)
 
@@ -346,7 +346,7 @@ def _decoded_cache(files: list[str], cache_root: Path, root: str, source: str) -
     with _taking_turns(cache_root, cached.name):  # packed trials: one decodes (on every core), not each of them
         if cached.is_file():
             return np.load(cached)
-        say_once(f"decoding the {len(files)} {source} images of {root} into {cached}")
+        say_first_use(f"decoding the {len(files)} {source} images of {root} into {cached}")
         images = decode_many(files)
         scratch = cached.with_suffix(f".partial-{os.getpid()}.npy")
         np.save(scratch, images)
