@@ -18,6 +18,7 @@ import copy
 import hashlib
 import json
 import math
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,8 +315,10 @@ class Member:
 
 
 class FusedTrainer:
-    def __init__(self, cfgs: list[TrainConfig], device: torch.device, report: Report | None):
+    def __init__(self, cfgs: list[TrainConfig], device: torch.device, report: Report | None,
+                 stop: threading.Event | None = None):
         self.cfgs, self.device, self.report = cfgs, device, report
+        self.stop = stop or threading.Event()  # as Trainer's: set by a stop signal too
         seeds = list(dict.fromkeys(c.seed for c in cfgs))
         data, batch = cfgs[0].data, cfgs[0].batch_size
         first = build_loader(data, "train", batch, device, 0, 1, seeds[0])
@@ -338,7 +341,6 @@ class FusedTrainer:
         self.step = FusedStep(cfgs, self.model, device, graph=resolve_step(cfgs[0], device) == "graph")
         self.iteration = 0
         self.window = torch.zeros(len(cfgs), 3, device=device)
-        self.stop_requested = False
         self.log_every, self.checkpoint_every = cfgs[0].tracking.log_every, cfgs[0].checkpoint.every
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -349,7 +351,7 @@ class FusedTrainer:
             if m.cfg.tracking.enabled:
                 m.tracker, m.run_id = open_run(m.cfg, m.key, m.run_id, 1, m.rejected)
             announce_start(m.key, m.folder, states[m.index], m.schedule.total, m.tracker)
-        with stop_signals_asked(self.request_stop), runs_settled_on_exit([m.tracker for m in self.members],
+        with stop_signals_asked(self.stop.set), runs_settled_on_exit([m.tracker for m in self.members],
                                                                           self.end_all):
             self.apply_checkpoints(states)  # inside: checkpoints that do not fit fail the runs, with the reason
             self.loop()
@@ -383,14 +385,11 @@ class FusedTrainer:
                                      self.device)
                 if self.iteration % self.checkpoint_every == 0:
                     self.save_checkpoints()
-                if self.stop_requested:  # one process: no ranks to agree with, check every step
+                if self.stop.is_set():  # one process: no ranks to agree with, check every step
                     self.save_checkpoints()
-                    raise Interrupted(f"stopped at iteration {self.iteration}")
+                    raise Interrupted(f"stopped at iteration {self.iteration}, checkpoint written")
                 if self.iteration >= total or not self.alive():
                     break
-
-    def request_stop(self) -> None:
-        self.stop_requested = True
 
     def alive(self) -> bool:
         return any(not m.failed for m in self.members)
@@ -534,9 +533,11 @@ class FusedTrainer:
         return ",".join(m.key[:8] for m in self.members)
 
 
-def train_fused(cfgs: list[TrainConfig | dict], report: Report | None = None) -> list[dict[str, Any]]:
-    """Train several trials as one fused model; returns each member's ``train()`` result, in order."""
+def train_fused(cfgs: list[TrainConfig | dict], report: Report | None = None,
+                stop: threading.Event | None = None) -> list[dict[str, Any]]:
+    """Train several trials as one fused model; returns each member's ``train()`` result, in order (``stop``: as
+    ``train()``'s)."""
     cfgs = [c if isinstance(c, TrainConfig) else build_config(c) for c in cfgs]
     device = pick_device(cfgs[0], DistEnv())
     check_fusable(cfgs, device)
-    return FusedTrainer(cfgs, device, report).run()
+    return FusedTrainer(cfgs, device, report, stop).run()

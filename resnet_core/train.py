@@ -47,13 +47,17 @@ class Diverged(RuntimeError):
 
 
 class Interrupted(RuntimeError):
-    """A stop signal arrived; a checkpoint was written. Running the trial again resumes it."""
+    """A stop was asked (a signal, or the sweep's ``stop`` event); a checkpoint was written. Running the trial
+    again resumes it."""
 
 
-def train(cfg: TrainConfig | dict, report: Report | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig | dict, report: Report | None = None,
+          stop: threading.Event | None = None) -> dict[str, Any]:
     """Train one trial; returns {"status", "trial_key", "run_id", "iteration", final metrics...}.
 
     ``report`` (rank 0) receives the metrics after every evaluation: Ray Tune's ``tune.report`` goes here.
+    ``stop``, once set, checkpoints and raises ``Interrupted`` at the next step, as SIGTERM does: a thread gets no
+    signals, so a Ray Tune trial is stopped this way.
     """
     cfg = cfg if isinstance(cfg, TrainConfig) else build_config(cfg)
     env = distributed.read_env()
@@ -62,7 +66,7 @@ def train(cfg: TrainConfig | dict, report: Report | None = None) -> dict[str, An
     device = pick_device(cfg, env)
     distributed.init(env, device)
     try:
-        return Trainer(cfg, env, device, report).run()
+        return Trainer(cfg, env, device, report, stop).run()
     finally:
         distributed.shutdown()
 
@@ -78,8 +82,10 @@ def pick_device(cfg: TrainConfig, env: DistEnv) -> torch.device:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, report: Report | None):
+    def __init__(self, cfg: TrainConfig, env: DistEnv, device: torch.device, report: Report | None,
+                 stop: threading.Event | None = None):
         self.cfg, self.env, self.device, self.report = cfg, env, device, report
+        self.stop = stop or threading.Event()  # set by a stop signal too
         self.key = trial_key(cfg)
         self.folder = Path(cfg.checkpoint.root) / self.key
         per_rank = cfg.batch_size // env.world_size
@@ -99,7 +105,6 @@ class Trainer:
         self.tracker: Tracker | None = None
         self.run_id: str | None = None
         self.rejected_checkpoints: list[str] = []
-        self.stop_requested = False
         self.claim: str | None = None  # this copy's claim on the trial folder (rank 0)
 
     # -- the loop -----------------------------------------------------------------------------------------
@@ -116,7 +121,7 @@ class Trainer:
             print(f"trial {self.key[:8]}: {self.cfg.model.name} on {self.device}, iteration {start}/"
                   f"{self.schedule.total} ({len(self.train_loader)} an epoch); a line after each evaluation, "
                   f"every {self.cfg.eval.every_epochs} epoch(s)", file=sys.stderr, flush=True)
-        with stop_signals_asked(self.request_stop), runs_settled_on_exit([self.tracker], self.end_tracking):
+        with stop_signals_asked(self.stop.set), runs_settled_on_exit([self.tracker], self.end_tracking):
             try:
                 if state is not None:  # in the try: a checkpoint that does not fit fails its run, with the reason
                     self.apply_checkpoint(state)
@@ -149,9 +154,9 @@ class Trainer:
                     self.save_checkpoint()
                 # Several ranks agree on stopping with an all-reduce, a host sync: every STOP_CHECK_EVERY steps only.
                 if (not self.env.enabled or self.iteration % STOP_CHECK_EVERY == 0) and \
-                        distributed.any_rank(self.stop_requested, self.env, self.device):
+                        distributed.any_rank(self.stop.is_set(), self.env, self.device):
                     self.save_checkpoint()
-                    raise Interrupted(f"stopped at iteration {self.iteration}")
+                    raise Interrupted(f"stopped at iteration {self.iteration}, checkpoint written")
                 if self.iteration >= total:
                     break
 
@@ -256,9 +261,6 @@ class Trainer:
                             self.run_id, self.key, self.window, self.device)
         checkpoint.save(self.folder, self.iteration, state, self.cfg.checkpoint.keep)
 
-    def request_stop(self) -> None:
-        self.stop_requested = True
-
     # -- the end ------------------------------------------------------------------------------------------
     def finish(self) -> dict[str, Any]:
         metrics = self.evaluate_all()
@@ -314,8 +316,8 @@ def runs_settled_on_exit(trackers: list[Tracker | None], end: Callable[[str, dic
     ends the runs still open."""
     try:
         yield
-    except Interrupted:
-        end("KILLED", {"status_reason": "interrupted by a signal; checkpoint written"})
+    except Interrupted as err:  # a signal, or the sweep that runs the trial was stopped
+        end("KILLED", {"status_reason": f"interrupted: {err}; running it again resumes it"})
         raise
     except checkpoint.Superseded:
         for tracker in filter(None, trackers):  # the other copy owns the run: no points, no status from us
@@ -480,7 +482,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
     except Interrupted as err:
-        print(f"{prog}: interrupted: {err}; checkpoint written, run again to resume", file=sys.stderr)
+        print(f"{prog}: interrupted: {err}; run again to resume", file=sys.stderr)
         return 3
     except checkpoint.Superseded as err:
         print(f"{prog}: superseded: {err}", file=sys.stderr)

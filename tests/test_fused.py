@@ -20,7 +20,7 @@ from resnet_core.models import create_model
 from resnet_core.steps import EagerStep
 from resnet_core.train import Interrupted, report_to_console, train
 
-from test_train import history, runs_of, tiny_config
+from test_train import history, in_a_thread, runs_of, tiny_config
 
 CPU = torch.device("cpu")
 
@@ -146,6 +146,20 @@ def interrupted_group(folder: Path) -> list[dict]:
         train_fused(cfgs, report=interrupt_after_first_epoch)
     assert {r.info.status for r in runs_of(cfgs[0])} == {"KILLED"}
     return cfgs
+
+
+def test_a_stop_event_stops_a_fused_group_in_a_thread_and_ends_each_members_run(tmp_path):
+    """As a stopped sweep stops a fused Ray trial: every member checkpointed at the same step, every run KILLED."""
+    import threading
+    cfgs, stop = members(tmp_path), threading.Event()
+    err = in_a_thread(train_fused, cfgs, report=lambda metrics: stop.set(), stop=stop)
+    assert isinstance(err, Interrupted) and str(err) == "stopped at iteration 16, checkpoint written", err
+    runs = runs_of(cfgs[0])
+    assert len(runs) == 3 and {r.info.status for r in runs} == {"KILLED"}
+    assert {r.data.tags["status_reason"] for r in runs} == {
+        "interrupted: stopped at iteration 16, checkpoint written; running it again resumes it"}
+    folders = [Path(c["checkpoint"]["root"]) / r.data.tags["trial_key"] for c, r in zip(cfgs, runs)]
+    assert [checkpoint.checkpoint_iteration(checkpoint.checkpoint_files(f)[0]) for f in folders] == [16] * 3
 
 
 def assert_one_run_without_gaps(cfgs: list[dict], results: list[dict]) -> None:

@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +100,34 @@ def test_resume_after_interruption_is_exact(tmp_path, capsys):
     assert resumed["run_id"] == runs_of(cfg)[0].info.run_id and len(runs_of(cfg)) == 1
     assert resumed["test_loss"] == straight["test_loss"]  # bit-identical: same batches, same order
     assert history(cfg, resumed["run_id"]) == history(tiny_config(tmp_path / "a"), straight["run_id"])
+
+
+def in_a_thread(function, *args, **kwargs):
+    """Run ``function`` as a Ray Tune trial runs: in a thread, which gets no signals. Returns what it raised."""
+    raised = []
+    def target():
+        try:
+            function(*args, **kwargs)
+        except BaseException as err:
+            raised.append(err)
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive()
+    return raised[0] if raised else None
+
+
+def test_a_stop_event_stops_a_trial_in_a_thread_with_a_checkpoint_and_its_reason(tmp_path):
+    """How a stopped sweep stops its Ray trials: ``stop`` set at epoch 1's evaluation (16 steps) checkpoints there,
+    ends the run KILLED with where it stopped, and the trial resumes from there."""
+    cfg, stop = tiny_config(tmp_path, checkpoint={"every": 1000}), threading.Event()
+    err = in_a_thread(train, cfg, report=lambda metrics: stop.set(), stop=stop)
+    assert isinstance(err, Interrupted) and str(err) == "stopped at iteration 16, checkpoint written", err
+    (run,) = runs_of(cfg)
+    assert run.info.status == "KILLED"
+    assert run.data.tags["status_reason"] == ("interrupted: stopped at iteration 16, checkpoint written; running it "
+                                              "again resumes it")
+    assert train(cfg)["iteration"] == 40 and [s for s, _ in history(cfg, run.info.run_id)] == list(range(5, 41, 5))
 
 
 def test_a_restart_without_its_checkpoint_says_it_starts_again(tmp_path, capsys):
