@@ -138,15 +138,21 @@ def mark_interrupted(ctx: SweepContext, progress: SweepProgress, trials: list[Tr
     running = {t.key: t for t in trials if t.key in progress.trials and progress.trials[t.key].state == "running"}
     ledger = Ledger(ctx.tracking_uri, ctx.spec.name, create=False)
     for key, run in ledger.trial_runs().items():
-        if key in running and run.info.status == "RUNNING":
-            ledger.client.set_tag(run.info.run_id, "status_reason", "interrupted: the sweep was stopped; the same "
-                                  f"orchestrate sweep command resumes it {resume_point(running[key])}")
+        if key not in running:
+            continue
+        if run.info.status == "RUNNING":
+            reason = ("interrupted: the sweep was stopped; the same orchestrate sweep command resumes it "
+                      f"{resume_point(running[key])}")
+            ledger.client.set_tag(run.info.run_id, "status_reason", reason)
             ledger.client.set_terminated(run.info.run_id, status="KILLED")
+            progress.update(key, "interrupted", reason=reason)
+        elif run.info.status == "KILLED":  # it checkpointed and ended its run, and the sweep stopped before it said so
+            progress.update(key, "interrupted", reason=run.data.tags.get("status_reason", ""))
 
 
 def resume_point(trial: Trial) -> str:
-    """Where an interrupted trial starts again. A Ray trial is not checkpointed when the sweep stops (it trains
-    in a Tune actor's thread, which gets no signal), so it restarts from its last periodic checkpoint."""
+    """Where an interrupted trial starts again: its newest checkpoint. The trials a sweep's Ctrl-C leaves to mark
+    here did not write one as they stopped (a second Ctrl-C, or past the grace time), so that is a periodic one."""
     iteration = resume_iteration(trial)
     if iteration:
         return f"from its checkpoint at iteration {iteration}"

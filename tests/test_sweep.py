@@ -170,7 +170,8 @@ def test_killed_orchestrator_then_rerun_finishes_only_the_missing_trials(tmp_pat
 @pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
 def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path, stop, capsys):
     """Ctrl-C (SIGINT to the terminal's process group) and `kill` (SIGTERM to the orchestrator alone) stop a
-    sweep the same way: one line, the unfinished trials' runs KILLED with the reason, status names the command."""
+    sweep the same way: the running trials checkpoint where they are and their runs end KILLED with the reason,
+    one line says so, status names the command, and a re-run resumes each from that checkpoint."""
     spec, proc = sweep_until_a_trial_finishes(tmp_path, "--set", "max_concurrent=2")
     if stop == "ctrl-c":
         os.killpg(proc.pid, signal.SIGINT)
@@ -180,21 +181,28 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path, 
     assert proc.returncode == 130, output[-3000:]
     assert "interrupted; finished trials are kept, run the same command again" in output, output[-3000:]
     assert "Tuner.restore" not in output and "Traceback" not in output, output[-3000:]
-    states = Counter(r.info.status for r in trial_runs(tmp_path, "smoke"))
+    assert "stopping: the running trials checkpoint and stop" in output, output[-3000:]
+    runs = trial_runs(tmp_path, "smoke")
+    states = Counter(r.info.status for r in runs)
     assert states["KILLED"] >= 1 and "RUNNING" not in states, states
+    stopped = {r.data.tags["status_reason"] for r in runs if r.info.status == "KILLED"}
+    # written as it stopped, not the last periodic one (was: Tune ended the trial's actor without a word)
+    assert all(re.fullmatch(r"interrupted: stopped at iteration \d+, checkpoint written; running it again resumes it",
+                            reason) for reason in stopped), stopped
     assert orchestrate(["status", "smoke", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0
     said = " ".join(capsys.readouterr().out.split())
-    assert "interrupted: the sweep was stopped" in said or "interrupted by a signal" in said, said
-    if "interrupted: the sweep was stopped" in said:  # and from where it will train again
-        resumes = r"resumes it from (its checkpoint at iteration \d+|iteration 0 \(it stopped before)"
-        assert re.search(resumes, said), said
+    assert "interrupted: stopped at iteration" in said, said
     if "have no run yet" in said:
         assert f"`orchestrate sweep {spec} --set max_concurrent=2`" in said, said
     output = finish(sweep(tmp_path, spec))
-    assert "interrupted trial(s) resume" in output
+    assert "interrupted trial(s) resume from their checkpoints" in output, output[-3000:]
     runs = trial_runs(tmp_path, "smoke")
     assert sorted(Counter(r.data.tags["trial_key"] for r in runs).values()) == [1, 1, 1, 1]
     assert all(r.info.status == "FINISHED" for r in runs), output[-2000:]
+    for r in runs:  # each continued its own run from where it stopped: every step logged once
+        steps = [m.step for m in MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_metric_history(
+            r.info.run_id, "train_loss")]
+        assert steps == sorted(set(steps)) and steps[-1] == 60, steps
 
 
 def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path, capsys):

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,9 @@ from ..ledger import Ledger
 from ..trials import FusedGroup, SweepContext, Trial, fuse
 from .base import Events, ReportTail, sigterm_as_ctrl_c
 
-from resnet_core.train import REPORT_FILE_ENV  # noqa: E402  (the worker defines the channel)
+from resnet_core.train import REPORT_FILE_ENV, Interrupted  # noqa: E402  (the worker defines the channel)
+
+STOP_GRACE_S = 60  # after a sweep's Ctrl-C, how long the running trials may take to checkpoint (as SLURM's warning)
 
 
 def uses_launcher(spec, cfg_dict: dict) -> str:
@@ -62,23 +65,59 @@ def asha_scheduler(spec):
 
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable: one trial or one fused group. Reports after every evaluation (each report names its
-    trial); each trial's last report says how it ended."""
+    trial); each trial's last report says how it ended: FINISHED, FAILED, INTERRUPTED (the sweep was stopped; a
+    checkpoint was written) or NOT_STARTED (the sweep was stopped before it began)."""
     trial = config["trial"]
-    tags = {"backend": "ray", "backend_job_id": tune.get_context().get_trial_id()}
-    cfg_dicts = [json.loads(json.dumps(m["config"])) for m in trial.get("members", [trial])]
-    for cfg_dict in cfg_dicts:
-        cfg_dict["tracking"]["tags"].update(tags)
-    cap_gpu_memory(trial.get("gpus", 0))
-    if trial["launcher"] == "fused":
-        results = run_fused_in_process(cfg_dicts, trial["cpus"])
-    elif trial["launcher"] == "python":
-        results = [run_in_process(cfg_dicts[0], trial["cpus"])]
-    else:
-        results = [run_child(cfg_dicts[0], trial["launcher"], trial["workers"])]
+    members = trial.get("members", [trial])
+    with stop_when_file_appears(Path(trial["stop_file"])) as stop:
+        if stop.is_set():
+            results = [{"status": "NOT_STARTED", "trial_key": m["key"]} for m in members]
+        else:
+            try:
+                results = run_members(trial, members, stop)
+            except Interrupted as err:
+                results = [{"status": "INTERRUPTED", "trial_key": m["key"],
+                            "reason": f"the sweep was stopped: {err}"} for m in members]
     for result in results:
         tune.report({"trial_status": result["status"], "run_id": result.get("run_id"),
                      **{k: v for k, v in result.items() if isinstance(v, (int, float))},
                      "trial_key": result["trial_key"], **({"reason": result["reason"]} if "reason" in result else {})})
+
+
+def run_members(trial: dict[str, Any], members: list[dict[str, Any]], stop: threading.Event) -> list[dict]:
+    tags = {"backend": "ray", "backend_job_id": tune.get_context().get_trial_id()}
+    cfg_dicts = [json.loads(json.dumps(m["config"])) for m in members]
+    for cfg_dict in cfg_dicts:
+        cfg_dict["tracking"]["tags"].update(tags)
+    cap_gpu_memory(trial.get("gpus", 0))
+    if trial["launcher"] == "fused":
+        return run_fused_in_process(cfg_dicts, trial["cpus"], stop)
+    if trial["launcher"] == "python":
+        return [run_in_process(cfg_dicts[0], trial["cpus"], stop)]
+    return [run_child(cfg_dicts[0], trial["launcher"], trial["workers"], stop)]
+
+
+@contextlib.contextmanager
+def stop_when_file_appears(path: Path, every_s: float = 1.0):
+    """An event set once ``path`` exists: how the sweep asks its trials to stop. A Tune trial trains in a thread
+    of its actor, which gets no signal, and Tune's own stop ends the actor before a checkpoint could be written.
+    The file is in the sweep's output folder, which the trials share anyway (their checkpoints are there)."""
+    stop, done = threading.Event(), threading.Event()
+    if path.exists():
+        stop.set()
+
+    def watch():
+        while not done.wait(every_s):
+            if path.exists():
+                stop.set()
+                return
+
+    watcher = threading.Thread(target=watch, name="sweep-stop-watcher", daemon=True)
+    watcher.start()
+    try:
+        yield stop
+    finally:
+        done.set()
 
 
 def cap_gpu_memory(gpus: float) -> None:
@@ -90,22 +129,23 @@ def cap_gpu_memory(gpus: float) -> None:
             torch.cuda.set_per_process_memory_fraction(gpus)
 
 
-def run_fused_in_process(cfg_dicts: list[dict], cpus: float) -> list[dict]:
+def run_fused_in_process(cfg_dicts: list[dict], cpus: float, stop: threading.Event) -> list[dict]:
     import torch
     from resnet_core.fused import train_fused
     torch.set_num_threads(max(1, int(cpus)))
-    return train_fused(cfg_dicts, report=lambda metrics: tune.report(dict(metrics)))
+    return train_fused(cfg_dicts, report=lambda metrics: tune.report(dict(metrics)), stop=stop)
 
 
-def run_in_process(cfg_dict: dict, cpus: float) -> dict:
+def run_in_process(cfg_dict: dict, cpus: float, stop: threading.Event) -> dict:
     import torch
     from resnet_core.train import train
     torch.set_num_threads(max(1, int(cpus)))
-    return train(cfg_dict, report=lambda metrics: tune.report(dict(metrics)))
+    return train(cfg_dict, report=lambda metrics: tune.report(dict(metrics)), stop=stop)
 
 
-def run_child(cfg_dict: dict, launcher: str, workers: int) -> dict:
-    """torchrun / deepspeed as a child; its rank 0 appends reports to a file that we relay to Tune."""
+def run_child(cfg_dict: dict, launcher: str, workers: int, stop: threading.Event) -> dict:
+    """torchrun / deepspeed as a child; its rank 0 appends reports to a file that we relay to Tune. ``stop``
+    sends it SIGTERM, which its ranks answer with a checkpoint (as under SLURM)."""
     import yaml
     with tempfile.TemporaryDirectory() as tmp:
         config_path, reports = Path(tmp) / "trial.yaml", Path(tmp) / "reports.jsonl"
@@ -114,15 +154,21 @@ def run_child(cfg_dict: dict, launcher: str, workers: int) -> dict:
         # Our death (Tune stopping the trial) must take the launcher and its ranks with it.
         child = subprocess.Popen(child_command(launcher, str(config_path), workers), env=env,
                                  preexec_fn=_die_with_parent)
-        tail, final = ReportTail(reports), None  # a half-written last line was read, and json.loads failed
+        tail, final, terminated = ReportTail(reports), None, False  # (a half-written last line failed json.loads)
         while True:
             done = child.poll() is not None
+            if stop.is_set() and not done and not terminated:
+                child.terminate()
+                terminated = True
             for record in tail.read():
                 tune.report(record)
                 final = record if "status" in record else final
             if done:
                 break
             time.sleep(1.0)
+        if final is None and stop.is_set():  # it checkpointed and exited 3 (Interrupted), with no result
+            raise Interrupted(f"{launcher} exited with {child.returncode} after SIGTERM, which its ranks answer with a "
+                              "checkpoint")
         if final is None:  # a worker that ends with a result exits 1 when it FAILED: the result says why
             raise RuntimeError(f"{shlex.join(child.args)} exited with {child.returncode}")
         return final
@@ -142,6 +188,7 @@ class RayTuneBackend:
         self.spec = ctx.spec
         self.address = ctx.cluster.get("ray", {}).get("address")
         self._stack: contextlib.ExitStack | None = None
+        self.stop_file = ctx.output / ".stop-trials"  # see StopOnCtrlC
 
     def describe(self, trial: Trial | FusedGroup) -> str:
         r = self.spec.resources
@@ -180,7 +227,10 @@ class RayTuneBackend:
             self._stack = None
 
     def run(self, trials: list[Trial], events: Events) -> None:
-        self.start(getattr(events, "log", print))
+        say = getattr(events, "log", print)
+        self.start(say)
+        callback = EventsCallback(events, self.ctx)
+        stopper = StopOnCtrlC(self.stop_file, callback, say)
         try:
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": self.spec.resources.cpus, "gpu": self.spec.resources.gpus}),
@@ -193,19 +243,22 @@ class RayTuneBackend:
                                             trial_dirname_creator=lambda t: t.config["trial"]["key"]),
                 run_config=tune.RunConfig(name=f"tune-{time.strftime('%Y%m%d-%H%M%S')}",
                                           storage_path=str((self.ctx.output / "ray").resolve()), verbose=0,
-                                          callbacks=[EventsCallback(events, self.ctx)]))
-            tuner.fit()
+                                          stop=stopper, callbacks=[callback]))
+            with stopper.catching_ctrl_c():
+                tuner.fit()
+            if stopper.asked_at is not None:
+                raise KeyboardInterrupt  # the sweep marks the trials still running as interrupted
         finally:
             self.stop()
 
     def trial_payload(self, trial: Trial | FusedGroup) -> dict[str, Any]:
         if isinstance(trial, FusedGroup):
             return {"key": trial.key, "label": trial.label, "cpus": self.spec.resources.cpus, "launcher": "fused",
-                    "gpus": self.spec.resources.gpus,
+                    "gpus": self.spec.resources.gpus, "stop_file": str(self.stop_file),
                     "workers": 1, "members": [{"key": t.key, "config": t.config_dict()} for t in trial.members]}
         cfg = trial.config_dict()
         return {"key": trial.key, "label": trial.label, "config": cfg, "cpus": self.spec.resources.cpus,
-                "gpus": self.spec.resources.gpus,
+                "gpus": self.spec.resources.gpus, "stop_file": str(self.stop_file),
                 "launcher": uses_launcher(self.spec, cfg), "workers": self.spec.resources.workers_per_node}
 
     def start_ray(self) -> None:
@@ -269,6 +322,52 @@ def check_fits_this_machine(resources, available: dict[str, float],
                             "cluster profile)")
 
 
+class StopOnCtrlC(tune.Stopper):
+    """The sweep's first Ctrl-C (or SIGTERM) asks the running trials to checkpoint and stop, by creating the file
+    their ``stop_when_file_appears`` watches, and Tune starts no new trial: it ends once none is running, or
+    STOP_GRACE_S later (a trial on a node that does not see the file). A second Ctrl-C stops at once; the trials
+    then keep only their last periodic checkpoint. Tune's own Ctrl-C handler is off: it ends the trials' actors
+    before they could checkpoint."""
+
+    def __init__(self, flag: Path, callback: "EventsCallback", say):
+        self.flag, self.callback, self.say = flag, callback, say
+        self.asked_at: float | None = None
+
+    def __call__(self, trial_id, result) -> bool:
+        return False  # no trial stops on its own results here (ASHA does that)
+
+    def stop_all(self) -> bool:
+        if self.asked_at is None:
+            return False
+        return not self.callback.live or time.monotonic() - self.asked_at > STOP_GRACE_S
+
+    def __getstate__(self):  # Tune pickles its stopper with the experiment state; the view stays behind
+        return {"flag": self.flag, "callback": None, "say": None, "asked_at": None}
+
+    @contextlib.contextmanager
+    def catching_ctrl_c(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach only the main thread: Tune's default applies
+            return
+        self.flag.unlink(missing_ok=True)  # left by a killed orchestrator, it would stop every trial at its start
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+        previous = signal.signal(signal.SIGINT, self.on_ctrl_c)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            self.flag.unlink(missing_ok=True)
+
+    def on_ctrl_c(self, signum, frame) -> None:
+        if self.asked_at is not None:
+            raise KeyboardInterrupt
+        self.asked_at = time.monotonic()
+        self.flag.touch()
+        self.callback.stopping = True
+        self.say(f"stopping: the running trials checkpoint and stop (within {STOP_GRACE_S} s); Ctrl-C again stops "
+                 "at once")
+
+
 class EventsCallback(tune.Callback):
     """Tune's trial events -> the progress view; a trial that ends without its final report was stopped by ASHA.
 
@@ -277,26 +376,33 @@ class EventsCallback(tune.Callback):
 
     def __init__(self, events: Events, ctx: SweepContext):
         self.events, self.ctx = events, ctx
+        self.live: set[str] = set()  # Tune trials started and not ended (StopOnCtrlC waits for them)
+        self.stopping = False  # a trial Tune starts now ends at once (NOT_STARTED): it stays pending in the view
 
     def __getstate__(self):
-        return {"events": None, "ctx": self.ctx}
+        return {"events": None, "ctx": self.ctx, "live": set(), "stopping": False}
 
     def on_trial_start(self, iteration, trials, trial, **info):
+        self.live.add(trial.trial_id)
+        if self.stopping:
+            return
         for key in trial_keys(trial):
             self.events.update(key, "running")
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         key = result.get("trial_key") or trial.config["trial"]["key"]
         if "trial_status" in result:  # a trial's own end (a fused group reports one per member)
-            # FAILED (a diverged trial) and INTERRUPTED (a SLURM job stopped under ASHA's relay) say why
-            state = {"FINISHED": "finished", "INTERRUPTED": "interrupted"}.get(result["trial_status"], "failed")
+            # FAILED (diverged) and INTERRUPTED (the sweep stopped; a SLURM job under ASHA) say why; NOT_STARTED: to run
+            state = {"FINISHED": "finished", "INTERRUPTED": "interrupted",
+                     "NOT_STARTED": "pending"}.get(result["trial_status"], "failed")
             self.events.update(key, state, **final_metrics(result),
-                               **({"reason": result.get("reason", "")} if state != "finished" else {}))
+                               **({"reason": result.get("reason", "")} if state in ("failed", "interrupted") else {}))
             return
         metrics = {k: result[k] for k in ("epoch", "val_error", "test_error") if k in result}
         self.events.update(key, "running", **metrics)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        self.live.discard(trial.trial_id)
         last = trial.last_result or {}
         if "trial_status" in last:
             return  # every trial of this job reported its end (on_trial_result)
@@ -307,6 +413,7 @@ class EventsCallback(tune.Callback):
         self.events.update(key, "stopped", reason=reason, **final_metrics(last))
 
     def on_trial_error(self, iteration, trials, trial, **info):
+        self.live.discard(trial.trial_id)
         for key in trial_keys(trial):
             self.events.update(key, "failed", reason=error_line(trial))
 
