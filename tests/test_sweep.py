@@ -226,6 +226,17 @@ def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path, capsys):
     assert "0.00 still to run" in out, out
 
 
+def test_a_diverged_trial_under_asha_fails_alone(tmp_path):
+    """Its last report has no val_loss, and Tune's check for ASHA's metric ended the whole sweep in a traceback."""
+    spec = smoke_spec(tmp_path, "smoke_lr", space={"optim.lr": [0.1, 1e30]}, num_samples=1)
+    proc = sweep(tmp_path, spec)
+    output = proc.communicate(timeout=400)[0]
+    assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert "1 finished, 1 failed" in output, output[-3000:]
+    (failed,) = [line for line in output.splitlines() if "failed   optim.lr=1e+30" in line]
+    assert "reason=loss is nan at iteration" in failed and "nan" not in failed.split("reason=")[0], failed
+
+
 def test_an_asha_rung_on_the_last_epoch_keeps_every_trained_trial(tmp_path):
     """One epoch each (6 steps of 64 from 384 images), ASHA's first rung at epoch 1: every trial has trained to
     its end, so none is 'stopped early' — each ends FINISHED with its weights, usable by report and ensemble."""

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..trials import SweepContext, Trial
+from ..trials import REPORTED_METRICS, SweepContext, Trial
 
 
 class Events(Protocol):
@@ -28,6 +29,12 @@ class Backend(Protocol):
 
     def run(self, trials: list[Trial], events: Events) -> None:
         """Run the trials to completion (or early stop), reporting each state change."""
+
+
+def metric_placeholders(final: dict[str, Any]) -> dict[str, float]:
+    """NaN for each metric a trial's last Tune report lacks: Tune checks that every result carries the scheduler's
+    metric, and a failed or interrupted trial's has none (ASHA's sweep ended in a ValueError traceback)."""
+    return {k: math.nan for k in REPORTED_METRICS if not isinstance(final.get(k), (int, float))}
 
 
 def sigterm_as_ctrl_c() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shlex
@@ -29,7 +30,7 @@ from ..cli import UserError
 from ..mps import mps_daemon
 from ..ledger import Ledger
 from ..trials import FusedGroup, SweepContext, Trial, fuse
-from .base import Events, ReportTail, sigterm_as_ctrl_c
+from .base import Events, ReportTail, metric_placeholders, sigterm_as_ctrl_c
 
 from resnet_core.train import REPORT_FILE_ENV, Interrupted  # noqa: E402  (the worker defines the channel)
 
@@ -79,7 +80,7 @@ def run_trial(config: dict[str, Any]) -> None:
                 results = [{"status": "INTERRUPTED", "trial_key": m["key"],
                             "reason": f"the sweep was stopped: {err}"} for m in members]
     for result in results:
-        tune.report({"trial_status": result["status"], "run_id": result.get("run_id"),
+        tune.report({"trial_status": result["status"], "run_id": result.get("run_id"), **metric_placeholders(result),
                      **{k: v for k, v in result.items() if isinstance(v, (int, float))},
                      "trial_key": result["trial_key"], **({"reason": result["reason"]} if "reason" in result else {})})
 
@@ -444,4 +445,6 @@ def early_stop_reason(ctx: SweepContext, last: dict) -> str:
 
 
 def final_metrics(last: dict) -> dict:
-    return {k: last[k] for k in ("epoch", "val_error", "test_error") if k in last}
+    """What the view shows of a trial's last report; not the NaN that metric_placeholders put in."""
+    return {k: last[k] for k in ("epoch", "val_error", "test_error")
+            if k in last and not (isinstance(last[k], float) and math.isnan(last[k]))}

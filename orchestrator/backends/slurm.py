@@ -31,8 +31,8 @@ from typing import Any
 
 from ..ledger import Ledger
 from ..spec import SpecError
-from ..trials import REPORTED_METRICS, FusedGroup, SweepContext, Trial, fuse
-from .base import Events, ReportTail
+from ..trials import FusedGroup, SweepContext, Trial, fuse
+from .base import Events, ReportTail, metric_placeholders
 from .slurm_job import EXIT_INTERRUPTED, SlurmTrial
 
 # The cluster profile's `slurm:` keys (unknown keys are an error naming the valid ones).
@@ -587,7 +587,7 @@ def relay_trial(config: dict[str, Any]) -> None:
     except FailedJobError as err:  # the driver ends the sweep with one line naming the profile and the spec
         said = sbatch_refusal(err)
         tune.report({"trial_status": "FAILED", "trial_key": p["key"], "reason": f"sbatch refused the job: {said}",
-                     "sbatch_refused": said, **_metric_placeholder({})})
+                     "sbatch_refused": said, **metric_placeholders({})})
         return
     waiting = Path(trial.report_file).with_suffix(".job")  # for show_waiting_jobs, until the first report
     waiting.write_text(job.job_id)
@@ -597,7 +597,7 @@ def relay_trial(config: dict[str, Any]) -> None:
         waiting.unlink(missing_ok=True)
     tune.report({"trial_status": final["status"], "trial_key": p["key"], "run_id": final.get("run_id"),
                  "slurm_job_id": job.job_id, "reason": final.get("reason", ""),
-                 **pick(final, RESULT_KEYS + ("val_loss", "test_loss")), **_metric_placeholder(final)})
+                 **pick(final, RESULT_KEYS + ("val_loss", "test_loss")), **metric_placeholders(final)})
 
 
 def relay_reports(job, tail: ReportTail, p: dict[str, Any], waiting: Path) -> dict[str, Any]:
@@ -625,11 +625,6 @@ def relay_reports(job, tail: ReportTail, p: dict[str, Any], waiting: Path) -> di
         if final is None:
             time.sleep(0.5)
     return final
-
-
-def _metric_placeholder(final: dict[str, Any]) -> dict[str, float]:
-    """Tune checks that every result carries the scheduler's metric; a failed trial's final result may not."""
-    return {k: math.nan for k in REPORTED_METRICS if not isinstance(final.get(k), (int, float))}
 
 
 def cancel_then_mark(job_id: str, run_id: str | None, reason: str, ctx: SweepContext) -> None:
