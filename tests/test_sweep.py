@@ -226,9 +226,11 @@ def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path, capsys):
     assert "0.00 still to run" in out, out
 
 
-def test_a_diverged_trial_under_asha_fails_alone(tmp_path):
-    """Its last report has no val_loss, and Tune's check for ASHA's metric ended the whole sweep in a traceback."""
-    spec = smoke_spec(tmp_path, "smoke_lr", space={"optim.lr": [0.1, 1e30]}, num_samples=1)
+@pytest.mark.parametrize("launcher", ["python", "torchrun"])
+def test_a_diverged_trial_under_asha_fails_alone(tmp_path, launcher):
+    """Its last report has no val_loss, and Tune's check for ASHA's metric ended the whole sweep in a traceback
+    (in the Tune actor, and relayed from a torchrun child)."""
+    spec = smoke_spec(tmp_path, "smoke_lr", space={"optim.lr": [0.1, 1e30]}, num_samples=1, launcher=launcher)
     proc = sweep(tmp_path, spec)
     output = proc.communicate(timeout=400)[0]
     assert proc.returncode == 1 and "Traceback" not in output, output[-3000:]

@@ -162,8 +162,10 @@ def run_child(cfg_dict: dict, launcher: str, workers: int, stop: threading.Event
                 child.terminate()
                 terminated = True
             for record in tail.read():
-                tune.report(record)
-                final = record if "status" in record else final
+                if "status" in record:  # its result: run_trial reports it, as the in-process path's
+                    final = record
+                else:
+                    tune.report(record)
             if done:
                 break
             time.sleep(1.0)
