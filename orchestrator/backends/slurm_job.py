@@ -123,7 +123,7 @@ class SlurmTrial:
 
         def stop_then_requeue(signum, frame):
             self._usr2["received"] = True
-            train_handler = signal.getsignal(signal.SIGUSR1)  # train()'s request_stop while it trains
+            train_handler = signal.getsignal(signal.SIGUSR1)  # train()'s stop handler while it trains
             if callable(train_handler):
                 train_handler(signal.SIGUSR1, frame)
         signal.signal(signal.SIGUSR2, stop_then_requeue)
