@@ -34,6 +34,7 @@ class SweepProgress:
         self.live = sys.stdout.isatty() if live is None else live
         self._lock = threading.Lock()
         self._live = None
+        self.ended = False  # no ETA once the sweep has stopped: an interrupted one left trials pending
 
     def __enter__(self) -> "SweepProgress":
         if self.live:
@@ -45,6 +46,7 @@ class SweepProgress:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.ended = True
         if self._live:
             self._live.update(self.render())
             self._live.__exit__(*exc)
@@ -84,7 +86,7 @@ class SweepProgress:
         counts = self.counts()
         done = counts["finished"] + counts["failed"] + counts["interrupted"] + counts["stopped"]
         remaining = self.unfinished()
-        if not done or not remaining:
+        if not done or not remaining or self.ended:
             return None
         return (time.monotonic() - self.started) / done * remaining
 

@@ -205,6 +205,20 @@ def test_ctrl_c_stops_the_sweep_with_one_line_and_a_rerun_finishes_it(tmp_path, 
         assert steps == sorted(set(steps)) and steps[-1] == 60, steps
 
 
+def test_the_last_line_of_a_stopped_sweep_gives_no_eta(capsys):
+    """It said "interrupted: 1 finished, 1 pending; ...; ETA 0:00:27" for a sweep that had stopped."""
+    from types import SimpleNamespace
+    from orchestrator.progress import SweepProgress
+    trials = [SimpleNamespace(key=f"key{i}", label=f"trial {i}") for i in range(2)]
+    with pytest.raises(KeyboardInterrupt):
+        with SweepProgress("s", trials, {}, live=False) as progress:
+            progress.update("key0", "finished", test_error=0.5)
+            assert progress.eta_seconds() is not None  # while it runs, one done and one to go give an ETA
+            raise KeyboardInterrupt
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "interrupted: 1 pending, 1 finished" in last and "ETA" not in last, last
+
+
 def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path, capsys):
     output = finish(sweep(tmp_path, smoke_spec(tmp_path, "smoke_lr")))
     runs = trial_runs(tmp_path, "smoke_lr")
