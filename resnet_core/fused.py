@@ -18,7 +18,6 @@ import copy
 import hashlib
 import json
 import math
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from .data import build_loader
 from .distributed import DistEnv
 from .models import create_model
 from .schedule import LRSchedule
-from .steps import AUTOCAST_DTYPES, resolve_precision, resolve_step, sgd, slow_precision_warning
+from .steps import AUTOCAST_DTYPES, resolve_precision, resolve_step, sgd, warn_if_slow_precision
 from .tracking import Tracker
 from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, log_trial_artifacts, open_run,
                     pick_device, restore_rng, runs_settled_on_exit, stop_signals_asked, timed, trial_state)
@@ -352,9 +351,7 @@ class FusedTrainer:
             if m.cfg.tracking.enabled:
                 m.tracker, m.run_id = open_run(m.cfg, m.key, m.run_id, 1, m.rejected)
             announce_start(m.key, m.folder, states[m.index], m.schedule.total, m.tracker)
-        warning = slow_precision_warning(self.cfgs[0], self.device)  # fusable members share the precision
-        if warning:
-            print(warning, file=sys.stderr, flush=True)
+        warn_if_slow_precision(self.cfgs[0], self.device)  # fusable members share the precision
         with stop_signals_asked(self.stop.set), runs_settled_on_exit([m.tracker for m in self.members],
                                                                           self.end_all):
             self.apply_checkpoints(states)  # inside: checkpoints that do not fit fail the runs, with the reason

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +26,18 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
 
 
-def slow_precision_warning(cfg: TrainConfig, device: torch.device) -> str | None:
+def warn_if_slow_precision(cfg: TrainConfig, device: torch.device) -> None:
     """bf16 autocast on a CPU without bf16 instructions (AVX512-BF16, AMX) is emulated: ResNet-20 on this project's
     2 AVX2 cores trained at 19 img/s in bf16, 242 in fp32. Said at the start, where it looked like a hang."""
     if device.type != "cpu" or resolve_precision(cfg, device) != "bf16":
-        return None
+        return
     try:
         if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-            return None
+            return
     except (AttributeError, RuntimeError):  # a private check: absent from some builds
         pass
-    return ("warning: precision: bf16 on this CPU (no bf16 instructions) is about 10x slower than fp32; "
-            "precision: auto (the default) takes fp32 on a CPU")
+    print("warning: precision: bf16 on this CPU (no bf16 instructions) is about 10x slower than fp32; "
+          "precision: auto (the default) takes fp32 on a CPU", file=sys.stderr, flush=True)
 
 
 def resolve_step(cfg: TrainConfig, device: torch.device, world_size: int = 1) -> str:

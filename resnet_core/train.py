@@ -32,7 +32,7 @@ from .data import DataError, build_loader
 from .distributed import DistEnv
 from .models import create_model
 from .schedule import LRSchedule, schedule_warnings
-from .steps import build_step, slow_precision_warning
+from .steps import build_step, warn_if_slow_precision
 from .tracking import Tracker, check_store_usable, environment_tags, flatten, tracking_uri
 
 Report = Callable[[dict[str, Any]], None]
@@ -121,9 +121,7 @@ class Trainer:
             print(f"trial {self.key[:8]}: {self.cfg.model.name} on {self.device}, iteration {start}/"
                   f"{self.schedule.total} ({len(self.train_loader)} an epoch); a line after each evaluation, "
                   f"every {self.cfg.eval.every_epochs} epoch(s)", file=sys.stderr, flush=True)
-            warning = slow_precision_warning(self.cfg, self.device)
-            if warning:
-                print(warning, file=sys.stderr, flush=True)
+            warn_if_slow_precision(self.cfg, self.device)
         with stop_signals_asked(self.stop.set), runs_settled_on_exit([self.tracker], self.end_tracking):
             try:
                 if state is not None:  # in the try: a checkpoint that does not fit fails its run, with the reason
