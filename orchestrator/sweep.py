@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from resnet_core.tracking import check_store_usable, tracking_uri
+from resnet_core.tracking import absolute_uri, check_store_usable, tracking_uri
 
 from .backends import get_backend
 from .estimate import EAGER_SLOWDOWN, gpu_hours
@@ -16,14 +16,6 @@ from .progress import SweepProgress
 from .spec import SpecError, load_cluster_profile, load_spec
 from .trials import (FusedGroup, SweepContext, Trial, check_data_exists, check_gpu_memory, expand, fuse,
                      gpu_memory_plan, resume_iteration)
-
-
-def absolute_uri(uri: str) -> str:
-    """Trials run in other processes, folders and nodes: a relative sqlite path must not change meaning."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
 
 
 def prepare(spec_path: str, address: str | None = None, check_data: bool = True, sets: list[str] = (),

@@ -14,12 +14,13 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .data.config import DataConfig
-from .models import create_model, is_model, list_models
+
+if typing.TYPE_CHECKING:  # torch and the models load when a config is validated: `orchestrate status` needs neither
+    import torch
 
 
 class ConfigError(ValueError):
@@ -185,6 +186,7 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _model_builds(self) -> "TrainConfig":
+        from .models import is_model, list_models
         if not is_model(self.model.name):
             raise ValueError(f"model.name: unknown model {self.model.name!r}; valid: {', '.join(list_models())}")
         try:
@@ -200,6 +202,8 @@ def meta_model(model: ModelConfig) -> torch.nn.Module:
     """The model built on the meta device, once per architecture: validating it allocates nothing, and the dry
     run's estimates (multiply-adds, training memory) read the same instance. Shared: callers must leave it as they
     found it. Building per trial config instead cost a 30-trial dry run 60 builds (3.3 s)."""
+    import torch
+    from .models import create_model
     with torch.device("meta"):
         return create_model(model.name, **model.overrides())
 
@@ -326,6 +330,7 @@ def check_model_name_agrees(tree: dict) -> None:
     ``--set model.depth=56`` on the default name would be refused when a worker reads it back."""
     model = tree.get("model") if isinstance(tree.get("model"), dict) else {}
     name, depth, plain = model.get("name"), model.get("depth"), model.get("plain")
+    from .models import is_model
     if not (isinstance(name, str) and is_model(name)):
         return  # an unknown name: validation says so, with the valid ones
     pinned = re.search(r"(\d+)$", name)

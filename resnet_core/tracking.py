@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import torch
-
 from .config import ConfigError, check_tracking_uri
 
 log = logging.getLogger(__name__)
@@ -65,6 +63,14 @@ def is_transient(err: Exception) -> bool:
 
 def tracking_uri(configured: str | None) -> str:
     return check_tracking_uri(configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
+
+
+def absolute_uri(uri: str) -> str:
+    """Trials run in other processes, folders and nodes: a relative sqlite path must not change meaning."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
+        return prefix + str(Path(uri[len(prefix):]).resolve())
+    return uri
 
 
 def check_store_usable(uri: str, probe_server: bool = True) -> None:
@@ -114,6 +120,7 @@ def git_state() -> tuple[str, str]:
 
 
 def environment_tags(world_size: int) -> dict[str, str]:
+    import torch
     commit, dirty = git_state()
     return {"git_commit": commit, "git_dirty": dirty, "host": platform.node(), "world_size": str(world_size),
             "torch_version": torch.__version__, "cuda_version": str(torch.version.cuda),

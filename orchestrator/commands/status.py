@@ -22,8 +22,7 @@ def run(args: argparse.Namespace) -> int:
 
     from orchestrator.cli import UserError
     from orchestrator.runs import check_store, sweep_names
-    from orchestrator.sweep import absolute_uri
-    from resnet_core.tracking import tracking_uri
+    from resnet_core.tracking import absolute_uri, tracking_uri
 
     uri = absolute_uri(tracking_uri(args.tracking_uri))
     check_store(uri)
