@@ -1,4 +1,5 @@
-"""The one place that builds worker command lines: plain python, torchrun (DDP), the DeepSpeed launcher.
+"""The one place that builds worker command lines: torchrun (DDP) and the DeepSpeed launcher (a plain-python trial
+runs in the Tune actor or the SLURM job itself, no command line).
 
 Pure functions of their arguments returning argv lists (never shell strings): a backend runs the list
 directly, or renders it with ``shlex.join`` into a script, so no value from a sweep can inject shell.
@@ -24,10 +25,6 @@ def worker_args(config_path: str, overrides: tuple[str, ...] | list[str] = ()) -
     if overrides:
         args += ["--set", *overrides]
     return args
-
-
-def python_command(config_path: str, overrides=(), python: str = "python") -> list[str]:
-    return [python, "-m", WORKER_MODULE, *worker_args(config_path, overrides)]
 
 
 def torchrun_command(config_path: str, overrides=(), *, nproc_per_node: int = 1, nnodes: int = 1,

@@ -136,7 +136,6 @@ class FusedModel:
 
     def __init__(self, models: list[nn.Module], device: torch.device):
         self.members = len(models)
-        self.template = models[0]
         self.param_names = [name for name, _ in models[0].named_parameters()]
         self.state_keys = list(models[0].state_dict())
         params, buffers = stack_module_state(models)

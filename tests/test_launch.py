@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.launch import Rendezvous, deepspeed_command, python_command, torchrun_command
+from orchestrator.launch import Rendezvous, deepspeed_command, torchrun_command
 from resnet_core.config import build_config
 from resnet_core.steps import deepspeed_config
 
@@ -23,7 +23,6 @@ OVERRIDES = ("optim.lr=0.05", "tracking.tags.sweep=a b;c")
 def rendered_commands() -> str:
     rdzv = Rendezvous("127.0.0.1", 29400, "sweep-3")
     cases = {
-        "python": python_command(WEIRD, OVERRIDES),
         "torchrun one node": torchrun_command(WEIRD, OVERRIDES, nproc_per_node=4),
         "torchrun two nodes": torchrun_command(WEIRD, OVERRIDES, nproc_per_node=2, nnodes=2, rendezvous=rdzv),
         "deepspeed one node": deepspeed_command(WEIRD, OVERRIDES, gpus_per_node=8),
