@@ -6,12 +6,18 @@ never given a second run: the worker reuses the run that carries its key.
 """
 from __future__ import annotations
 
+import json
+import os
+import socket
+import time
 from dataclasses import dataclass, field
 
+from .cli import UserError
 from .runs import stopped_early
 from .trials import Trial
 
 PLANNED_KEY_LENGTH = 10
+OWNER_TAG = "orchestrator"  # experiment tag: the `orchestrate sweep` process running this sweep now
 DONE, RESUME, RETRY, NEW, SKIP_FAILED = "finished", "resume", "retry", "new", "failed (skipped)"
 STOPPED = "stopped early"  # by the scheduler (ASHA): final, like DONE, but no finished model
 
@@ -42,6 +48,49 @@ class Ledger:
         from resnet_core.tracking import get_or_create_experiment
         if self.experiment_id is None:
             self.experiment_id = get_or_create_experiment(self.client, self.name)
+
+    def check_owner(self) -> str | None:
+        """No other `orchestrate sweep` may run this sweep now: a second one of the same sweep and store (from
+        another folder, or with another --output, so the output folder's lock did not stop it) took the first
+        one's running trials for interrupted ones and trained them again in the same runs. Refuses when the
+        other process is alive on this host; returns a warning when it was started on another host, where it
+        cannot be checked from here."""
+        owner = self._owner()
+        if not owner or (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname()):
+            return None
+        said = (f"sweep {self.name!r} is already running: pid {owner.get('pid')} on {owner.get('host')}, since "
+                f"{owner.get('since')}, output {owner.get('output')}")
+        if owner.get("host") != socket.gethostname():
+            return said + " (another host: if it still runs, its running trials train twice; stop it first)"
+        if _alive(owner.get("pid"), owner.get("created")):
+            raise UserError(said + "; wait for it, or stop it (Ctrl-C, kill) and run this again: it resumes")
+        return None
+
+    def claim(self, output) -> str | None:
+        """check_owner(), then record this process as the sweep's orchestrator (until release())."""
+        import psutil
+        self.create()
+        warning = self.check_owner()
+        me = psutil.Process()
+        record = {"pid": me.pid, "host": socket.gethostname(), "created": me.create_time(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S"), "output": str(output)}
+        self.client.set_experiment_tag(self.experiment_id, OWNER_TAG, json.dumps(record))
+        return warning
+
+    def release(self) -> None:
+        """The sweep call ended (finished, failed or interrupted): no longer running it."""
+        owner = self._owner()
+        if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            self.client.delete_experiment_tag(self.experiment_id, OWNER_TAG)
+
+    def _owner(self) -> dict | None:
+        if self.experiment_id is None:
+            return None
+        value = self.client.get_experiment(self.experiment_id).tags.get(OWNER_TAG)
+        try:
+            return json.loads(value) if value else None
+        except json.JSONDecodeError:
+            return None
 
     def trial_runs(self) -> dict[str, object]:
         """The newest run of each trial key in this sweep's experiment."""
@@ -99,3 +148,12 @@ class Ledger:
         for key, value in {"early_stopped": "true", "status_reason": reason}.items():
             self.client.set_tag(run_id, key, value)
         self.client.set_terminated(run_id, status="KILLED")
+
+
+def _alive(pid, created) -> bool:
+    """That process still runs (the same one: a pid is reused after its process ends)."""
+    import psutil
+    try:
+        return abs(psutil.Process(int(pid)).create_time() - float(created)) < 1.0
+    except (psutil.Error, TypeError, ValueError):
+        return False

@@ -177,7 +177,11 @@ def run_sweep(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False
     backend = get_backend(ctx.spec.backend)(ctx)  # refuses what it cannot run before anything is logged
     check_store_usable(ctx.tracking_uri)  # before the engine starts, not seconds into it
     with one_orchestrator(ctx):
-        return run_planned_sweep(ctx, trials, backend, retry_failed, live, command)
+        try:
+            return run_planned_sweep(ctx, trials, backend, retry_failed, live, command)
+        finally:
+            if hasattr(backend, "stop"):
+                backend.stop()  # however the sweep ended (nothing to run, refused, done): no engine outlives it
 
 
 @contextlib.contextmanager
@@ -217,11 +221,19 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
         if fresh_store and hasattr(backend, "start"):
             backend.start()
         ledger = ledger.result()
+    ledger.check_owner()  # before the engine starts; claim() checks again, once it has started
     plan = ledger.plan(trials, retry_failed)
     if plan.to_run and hasattr(backend, "start"):
         backend.start()  # an engine that refuses the sweep (no GPU here) does so before the plan is recorded
-    ledger.create()
-    ledger.record_plan(trials, command or ctx.spec_path)  # `orchestrate status` lists what has not started
+    other_host = ledger.claim(ctx.output)  # refuses a sweep that another orchestrator runs now
+    try:
+        ledger.record_plan(trials, command or ctx.spec_path)  # `orchestrate status` lists what has not started
+        return run_plan(ctx, trials, plan, backend, live, warnings=[other_host] if other_host else [])
+    finally:
+        ledger.release()
+
+
+def run_plan(ctx: SweepContext, trials: list[Trial], plan, backend, live: bool | None, warnings: list[str]) -> dict:
     running = {t.key for t in plan.to_run}
     # with a finished trial's metrics: the sweep's best may be one that finished in an earlier call
     skipped = {t.key: (t.label, {"reason": plan.reason[t.key], **plan.results.get(t.key, {})})
@@ -230,6 +242,8 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
     held_out = trials and all(t.config.data.val_split for t in trials)
     metric = ctx.spec.scheduler.asha.metric if ctx.spec.scheduler.asha else "val_error" if held_out else "test_error"
     progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
+    for warning in warnings:
+        progress.log("warning: " + warning)
     if plan.count(RESUME):
         progress.log(resume_message(ctx, plan))
     if plan.foreign:
@@ -254,7 +268,5 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
             failed = {key: view.info.get("reason", "") for key, view in progress.trials.items() if view.state == "failed"}
             if failed:
                 Ledger(ctx.tracking_uri, ctx.spec.name).record_failures(plan.to_run, failed)
-        elif hasattr(backend, "stop"):
-            backend.stop()
     return {"started": len(plan.to_run), "skipped": len(skipped), "failed_before": plan.count(SKIP_FAILED),
             **progress.counts()}

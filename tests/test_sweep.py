@@ -18,6 +18,7 @@ import yaml
 from mlflow import MlflowClient
 
 from orchestrator.cli import main as orchestrate
+from orchestrator.ledger import OWNER_TAG
 
 from conftest import REPO
 from processes import descendants, wait_until_gone
@@ -626,9 +627,54 @@ def test_a_second_orchestrator_of_the_same_sweep_is_refused(tmp_path):
     said = second.communicate(timeout=120)[0]
     assert second.returncode == 2, said
     assert f"sweep 'smoke' is already running from {tmp_path / 'runs' / 'sweeps' / 'smoke'} (pid {first.pid}" in said
+    # Another output folder (or another working folder) escapes that lock: the store's record of the sweep's
+    # orchestrator stops it (both trained every trial, in the same runs)
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    while time.monotonic() < deadline and OWNER_TAG not in getattr(client.get_experiment_by_name("smoke"), "tags", {}):
+        time.sleep(0.5)
+    third = sweep(tmp_path, spec, "--output", str(tmp_path / "elsewhere"))
+    said = third.communicate(timeout=120)[0]
+    assert third.returncode == 2 and f"sweep 'smoke' is already running: pid {first.pid} on " in said, said
+    assert said.count("\n") == 1, said
     finish(first)
-    again = finish(sweep(tmp_path, spec))  # the lock went with the first process
+    assert OWNER_TAG not in client.get_experiment_by_name("smoke").tags  # released as the first one ended
+    again = finish(sweep(tmp_path, spec, "--output", str(tmp_path / "elsewhere")))  # the lock went with it
     assert "4 skipped" in again
+    assert len(trial_runs(tmp_path, "smoke")) == 4
+
+
+def test_the_record_of_a_dead_or_remote_orchestrator_does_not_block_a_sweep(tmp_path):
+    """A killed orchestrator (kill -9, a lost node) leaves its record in the store; only a live process on this
+    host refuses. One on another host cannot be checked from here: a warning."""
+    import socket
+    import psutil
+    from orchestrator.cli import UserError
+    from orchestrator.ledger import Ledger
+    ledger = Ledger(f"sqlite:///{tmp_path}/mlruns.db", "owned")
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        here = {"pid": alive.pid, "host": socket.gethostname(), "created": psutil.Process(alive.pid).create_time(),
+                "since": "then", "output": "/out"}
+        record(ledger, here)
+        with pytest.raises(UserError, match=f"sweep 'owned' is already running: pid {alive.pid} on "):
+            ledger.claim("/mine")
+        record(ledger, here, created=here["created"] - 3600)  # its pid, reused by another process
+        assert ledger.check_owner() is None
+        record(ledger, here, host="elsewhere")
+        assert "another host" in ledger.check_owner()
+    finally:
+        alive.kill()
+        alive.wait()
+    record(ledger, here)  # the process is gone
+    assert ledger.claim("/mine") is None and ledger._owner()["output"] == "/mine"
+    ledger.release()
+    assert OWNER_TAG not in ledger.client.get_experiment(ledger.experiment_id).tags
+
+
+def record(ledger, owner: dict, **changes) -> None:
+    """Write an orchestrator's record into the sweep's experiment, as Ledger.claim does."""
+    import json
+    ledger.client.set_experiment_tag(ledger.experiment_id, OWNER_TAG, json.dumps({**owner, **changes}))
 
 
 def test_fused_groups_are_made_of_trials_that_resume_at_one_iteration(tmp_path):
