@@ -472,13 +472,15 @@ def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train
         args.set = [*args.set, f"tracking.uri={args.tracking_uri}"]
     report = report_to(report_to_file(os.environ[REPORT_FILE_ENV]) if os.environ.get(REPORT_FILE_ENV) else None,
                        report_to_console())
+    stop = threading.Event()
     try:
-        cfg = load_config(args.config, args.set)
-        if probe_store and cfg.tracking.enabled:
-            check_store_usable(tracking_uri(cfg.tracking.uri))  # else minutes of retries, a 130-line traceback
-        for warning in schedule_warnings(cfg):
-            print(f"warning: {warning}", file=sys.stderr)
-        result = train(cfg, report)
+        with output_closed_stops(stop):
+            cfg = load_config(args.config, args.set)
+            if probe_store and cfg.tracking.enabled:
+                check_store_usable(tracking_uri(cfg.tracking.uri))  # else minutes of retries, a 130-line traceback
+            for warning in schedule_warnings(cfg):
+                print(f"warning: {warning}", file=sys.stderr)
+            result = train(cfg, report, stop)
     except (ConfigError, DataError, FileNotFoundError) as err:  # the input's fault: one line, no traceback
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 2
@@ -496,6 +498,46 @@ def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train
             report(result)  # the final evaluation's line first: the JSON result is the last thing printed
         print(json.dumps(result), flush=True)
     return 0 if result["status"] == "FINISHED" else 1
+
+
+@contextlib.contextmanager
+def output_closed_stops(stop: threading.Event) -> Iterator[None]:
+    """A reader of the trial's output that goes away (`orchestrate train ... | head`) made the next progress line
+    raise BrokenPipeError: the run FAILED, without a checkpoint. Now that stops the trial as Ctrl-C does
+    (checkpoint, run KILLED, resumable), and what is still printed goes to /dev/null."""
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (StopWhenClosed(s, stop) for s in streams)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+class StopWhenClosed:
+    def __init__(self, stream, stop: threading.Event):
+        self.stream, self.stop = stream, stop
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._closed()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._closed()
+
+    def _closed(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # the interpreter's own flush at exit must not raise either
+        os.close(devnull)
+        self.stop.set()
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def exit_worker(code: int) -> None:

@@ -482,6 +482,28 @@ def test_a_stop_signal_writes_a_checkpoint_before_exit_and_the_rerun_finishes(tm
     assert run.info.status == "FINISHED" and history(cfg, run.info.run_id)[-1][0] == 200
 
 
+def test_a_closed_output_stops_the_trial_with_a_checkpoint_like_ctrl_c(tmp_path):
+    """`orchestrate train ... | head -3`: head goes away and the next progress line raised BrokenPipeError, which
+    failed the run with no checkpoint written."""
+    cfg = tiny_config(tmp_path, schedule={"total": 400, "milestones": [300]}, checkpoint={"every": 100000})
+    cfg_path = write_config(tmp_path, cfg)
+    runs_of(cfg)  # creates the sqlite store now: two processes creating one at once can crash (environment.md)
+    worker = start_worker(cfg_path, tmp_path)
+    while "epoch 1 " not in worker.stdout.readline():  # a progress line: training has started
+        assert worker.poll() is None, "the worker ended before its first evaluation"
+    worker.stdout.close()  # what head does after its lines
+    assert worker.wait(timeout=120) == 3
+    stopped_at = newest_iteration(trial_folder(cfg))
+    assert 0 < stopped_at < 400  # the only checkpoint is the one the closed output asked for
+    (run,) = runs_of(cfg)
+    assert run.info.status == "KILLED" and "checkpoint written" in run.data.tags["status_reason"], run.data.tags
+    rerun = subprocess.run([BIN / "orchestrate", "train", cfg_path], cwd=tmp_path, env=worker_env(tmp_path),
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    (run,) = runs_of(cfg)
+    assert run.info.status == "FINISHED" and [s for s, _ in history(cfg, run.info.run_id)] == list(range(5, 401, 5))
+
+
 def test_a_second_copy_of_a_trial_takes_over_and_the_first_stops_writing(tmp_path):
     """What SLURM does when a node's slurmd stops answering: the job is requeued on another node while the first
     copy still runs. The copy that started last owns the trial; the first stops at its next log point with exit
