@@ -71,6 +71,16 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(found, key=checkpoint_iteration, reverse=True)
 
 
+def discard(folder: Path) -> int:
+    """``checkpoint.resume: false``, a trial started over: its old checkpoints go. Left, the newest of them (the
+    old training's last) outranked the new ones, which the pruning deleted as they were written, and a later
+    resume went back to the old training."""
+    old = checkpoint_files(folder)
+    for path in old:
+        path.unlink(missing_ok=True)
+    return len(old)
+
+
 def checkpoint_iteration(path: Path) -> int:
     return int(NAME.match(path.name).group(1))
 

@@ -111,7 +111,8 @@ class CheckpointConfig(Section):
     root: str = Field("runs/checkpoints", description="checkpoints go to ROOT/<trial key>/")
     every: int = Field(1000, ge=1, description="iterations between checkpoints (and on SIGTERM/SIGUSR1)")
     keep: int = Field(2, ge=1, description="newest checkpoints kept; an older one is the fallback if the newest is corrupt")
-    resume: bool = Field(True, description="continue from the newest checkpoint of the same trial")
+    resume: bool = Field(True, description="continue from the newest checkpoint of the same trial; false: start "
+                         "over (its checkpoints deleted, a new MLflow run; the old run stays, kind=superseded)")
 
 
 class TrackingConfig(Section):

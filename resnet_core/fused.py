@@ -465,6 +465,8 @@ class FusedTrainer:
     def load_checkpoints(self) -> list[dict[str, Any] | None]:
         """Each member's newest good checkpoint (None: afresh); they must be at one iteration. Sets the run ids."""
         if not self.cfgs[0].checkpoint.resume:
+            for m in self.members:
+                checkpoint.discard(m.folder)
             return [None] * len(self.members)
         states = []
         for m in self.members:

@@ -240,6 +240,8 @@ class Trainer:
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The newest good checkpoint of this trial (None: start afresh)."""
         if not self.cfg.checkpoint.resume:
+            if self.env.is_main:
+                checkpoint.discard(self.folder)
             return None
         state, self.rejected_checkpoints = checkpoint.load_latest(self.folder, map_location=self.device)
         return state
@@ -364,21 +366,35 @@ def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
         print(f"tracking: the checkpoint's MLflow run {moved_from} is not in {tracker.client.tracking_uri} "
               f"(experiment {t.experiment!r}); the trial goes on in a run there, its earlier points stay where they "
               "were", file=sys.stderr)
-    run_id = run_id or tracker.find_run(key)
+    # checkpoint.resume off starts the trial over in a new run: continued, the old run dropped the new points up
+    # to its last step (a run's steps only go forward), and its curve and the new weights disagreed
+    earlier = tracker.find_run(key)
+    run_id = run_id or (earlier if cfg.checkpoint.resume else None)
     # kind=trial: a run of `orchestrate train` is a trial too, seen by status, report and ensemble
     tags = {**environment_tags(world_size), "trial_key": key, "kind": "trial", **t.tags}
     if moved_from:
         tags["resumed_from_run"] = moved_from
     params = flatten(cfg.model_dump(mode="json"))
     run_id = tracker.start(run_id, t.run_name or f"{cfg.model.name}-{key[:8]}", params, tags)
+    if earlier and earlier != run_id and not cfg.checkpoint.resume:
+        retire_run(tracker, key, earlier, run_id)
     if rejected_checkpoints:  # the event a user must see: a corrupt checkpoint was skipped
         tracker.set_tags({"checkpoint_rejected": ",".join(rejected_checkpoints)})
     return tracker, run_id
 
 
+def retire_run(tracker: Tracker, key: str, earlier: str, run_id: str) -> None:
+    """The trial's earlier run leaves the trials (kind=superseded: status, report, ensemble and a sweep's ledger
+    skip it) and stays in the UI, pointing at the new one."""
+    tracker.client.set_tag(earlier, "kind", "superseded")
+    tracker.client.set_tag(earlier, "superseded_by", run_id)
+    print(f"trial {key}: checkpoint.resume is off: it trains again from iteration 0 in a new MLflow run {run_id}; "
+          f"its earlier run {earlier} stays, tagged kind=superseded", flush=True)
+
+
 def announce_start(key: str, folder: Path, state: dict[str, Any] | None, total: int, tracker: Tracker | None) -> None:
     """One line when a trial does not start afresh: a resume is never silent, nor is a restart that found its
-    earlier run but no checkpoint (another --output, checkpoint.resume off, killed before the first one)."""
+    earlier run but no checkpoint (another --output, killed before the first one)."""
     if state is not None and state["iteration"] >= total:  # e.g. the same trial again under another experiment
         print(f"trial {key}: already trained to iteration {state['iteration']}/{total} (its checkpoint in {folder}): "
               "only its final evaluation runs; --set checkpoint.resume=false trains it again", flush=True)

@@ -279,6 +279,28 @@ def test_a_finished_trial_trained_again_under_another_experiment_says_it_is_alre
             and "--set checkpoint.resume=false trains it again" in out), out
 
 
+def test_resume_off_trains_the_trial_again_in_a_new_run_and_its_checkpoints_replace_the_old(tmp_path, capsys):
+    """checkpoint.resume=false went on in the finished run, which kept none of the new points (its steps only go
+    forward), said 'no checkpoint' beside one, and the old final checkpoint outranked (and pruned) the new ones."""
+    first = train(tiny_config(tmp_path))
+    capsys.readouterr()
+    again = train(tiny_config(tmp_path, checkpoint={"resume": False}))
+    out = capsys.readouterr().out
+    assert again["status"] == "FINISHED" and again["run_id"] != first["run_id"]
+    assert (f"trial {first['trial_key']}: checkpoint.resume is off: it trains again from iteration 0 in a new MLflow "
+            f"run {again['run_id']}; its earlier run {first['run_id']} stays, tagged kind=superseded") in out, out
+    assert "no checkpoint in" not in out
+    cfg = tiny_config(tmp_path)
+    runs = {r.info.run_id: r for r in runs_of(cfg)}
+    assert runs[first["run_id"]].data.tags["kind"] == "superseded"
+    assert runs[first["run_id"]].data.tags["superseded_by"] == again["run_id"]
+    assert [s for s, _ in history(cfg, again["run_id"])] == list(range(5, 41, 5))  # the whole new curve
+    state, _ = checkpoint.load_latest(trial_folder(cfg))
+    assert state["run_id"] == again["run_id"] and state["iteration"] == 40  # the new training's, not the old one's
+    resumed = train(tiny_config(tmp_path))  # resume on again: the new run is the trial's
+    assert resumed["run_id"] == again["run_id"]
+
+
 def test_more_than_ten_classes_log_a_top5_error_too(tmp_path):
     """The paper's ImageNet tables give top-1 and top-5 error; CIFAR's give top-1 only."""
     cfg = tiny_config(tmp_path, data={"synthetic": {"num_classes": 20, "train_size": 320, "test_size": 160}},
