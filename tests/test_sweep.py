@@ -232,6 +232,9 @@ def test_asha_stops_a_trial_early_and_the_run_says_why(tmp_path, capsys):
         assert r.data.metrics["epoch"] < 5
         assert r.data.metrics["best_val_error"] <= r.data.metrics["val_error"]  # status shows it for stopped ones
     assert "stopped" in output
+    # the best so far is chosen on ASHA's metric; the finished trials' view lacked it and said no best
+    best = min(r.data.metrics["val_loss"] for r in runs if r.info.status == "FINISHED")
+    assert f"best val_loss {best:.4f} (optim.lr=" in output.splitlines()[-1], output[-2000:]
     # the dry run of a re-run: stopped trials are final (nothing left to run) but not "finished"
     spec = tmp_path / "smoke_lr.yaml"
     assert orchestrate(["sweep", str(spec), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0

@@ -29,7 +29,7 @@ from .. import launch
 from ..cli import UserError
 from ..mps import mps_daemon
 from ..ledger import Ledger
-from ..trials import FusedGroup, SweepContext, Trial, fuse
+from ..trials import REPORTED_METRICS, FusedGroup, SweepContext, Trial, fuse
 from .base import Events, ReportTail, metric_placeholders, sigterm_as_ctrl_c
 
 from resnet_core.train import REPORT_FILE_ENV, Interrupted  # noqa: E402  (the worker defines the channel)
@@ -447,6 +447,7 @@ def early_stop_reason(ctx: SweepContext, last: dict) -> str:
 
 
 def final_metrics(last: dict) -> dict:
-    """What the view shows of a trial's last report; not the NaN that metric_placeholders put in."""
-    return {k: last[k] for k in ("epoch", "val_error", "test_error")
+    """What the view shows of a trial's last report (every reported metric: the sweep's best is chosen on the
+    scheduler's, val_loss in smoke_lr); not the NaN that metric_placeholders put in."""
+    return {k: last[k] for k in ("epoch", *REPORTED_METRICS)
             if k in last and not (isinstance(last[k], float) and math.isnan(last[k]))}
