@@ -114,7 +114,8 @@ class SweepSpec(Strict):
     backend: Literal["ray", "slurm"] = "ray"
     launcher: Literal["auto", "python", "torchrun", "deepspeed"] = Field(
         "auto", description="auto: python for one process, torchrun for several, deepspeed for dist.engine=deepspeed")
-    cluster: str | None = Field(None, description="cluster profile YAML (cluster/*.yaml); relative to the spec")
+    cluster: str | None = Field(None, description="cluster profile: a name (local-slurm: the project's "
+                                "cluster/local-slurm.yaml) or a YAML file's path, relative to the spec")
     output: str | None = Field(None, description="folder for checkpoints and logs; default runs/sweeps/<name>")
     tracking_uri: str | None = Field(None, description="MLflow store; default $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
 
@@ -253,12 +254,16 @@ def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
     if spec.cluster is None:
         return {}
     path = Path(spec.cluster)
-    candidates = [path] if path.is_absolute() else [spec_path.parent / path, Path.cwd() / path]
+    if "/" not in spec.cluster and path.suffix not in (".yaml", ".yml"):  # a name: a copied spec still finds it
+        candidates = [Path.cwd() / "cluster" / f"{path}.yaml", PROJECT_ROOT / "cluster" / f"{path}.yaml"]
+    else:
+        candidates = [path] if path.is_absolute() else [spec_path.parent / path, Path.cwd() / path]
+    candidates = list(dict.fromkeys(candidates))
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         raise SpecError(f"{spec_path}: cluster: profile {spec.cluster!r} not found (looked in "
-                        f"{', '.join(str(c) for c in candidates)}); a relative path is read from the spec's folder "
-                        "(a copied spec: give the profile's path, or --set cluster=null for a local Ray)")
+                        f"{', '.join(str(c) for c in candidates)}); a name is a file of the project's cluster/ "
+                        "folder, a relative path is read from the spec's folder (--set cluster=null: a local Ray)")
     profile = read_yaml(found, SpecError) or {}
     if not isinstance(profile, dict):
         raise SpecError(f"{found}: a cluster profile must be a mapping")
@@ -273,6 +278,7 @@ def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
     return profile
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SWEEP_SET_KEYS = (("tracking", "uri", "use tracking_uri: at the top of the spec, or --tracking-uri"),
                   ("tracking", "experiment", "the sweep's name is its MLflow experiment"),
                   ("checkpoint", "root", "checkpoints go under output: (or --output)"))

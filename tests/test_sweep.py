@@ -396,6 +396,7 @@ MALFORMED = [
     ({"name": "x", "space": {"seed": [0, 1]}, "scheduler": {"asha": {"metric": "test_error", "mode": "max"}}},
      "scheduler.asha.mode: max would keep the trials of highest test_error, the worst"),
     ({"name": "x", "cluster": "nowhere.yaml"}, "cluster: profile 'nowhere.yaml' not found"),
+    ({"name": "x", "cluster": "nowhere"}, "cluster: profile 'nowhere' not found (looked in "),
     ({"base": BASE}, "name: Field required"),
     ({"name": "a/b"}, "name: Value error, 'a/b'"),
     ({"name": "x", "max_concurrent": 0}, "max_concurrent: Input should be greater than or equal to 1"),
@@ -467,6 +468,17 @@ def test_a_typo_in_a_cluster_profile_is_named_not_ignored(tmp_path, capsys, prof
     spec = smoke_spec(tmp_path, cluster="profile.yaml")
     assert orchestrate(["sweep", str(spec), "--dry-run"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_copied_shipped_spec_finds_its_cluster_profile_by_name(tmp_path, monkeypatch, capsys):
+    """The shipped specs named ../cluster/local-slurm.yaml: a copy anywhere else failed even a local Ray run."""
+    spec = tmp_path / "smoke.yaml"
+    spec.write_text((REPO / "sweeps" / "smoke.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    assert orchestrate(["sweep", str(spec), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0
+    from orchestrator.spec import load_cluster_profile, load_spec
+    loaded, path = load_spec(str(spec), {}, [])
+    assert load_cluster_profile(loaded, path) == yaml.safe_load((REPO / "cluster" / "local-slurm.yaml").read_text())
 
 
 def test_missing_spec_file_is_named(tmp_path, capsys):
