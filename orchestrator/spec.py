@@ -231,7 +231,12 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
     try:
         return SweepSpec.model_validate(tree), path
     except ValidationError as err:
-        raise SpecError(blame(path, sets, format_validation_error(err, SweepSpec))) from None
+        message = format_validation_error(err, SweepSpec)
+        # a command-line option's value (--max-concurrent 0) is blamed on it, not on the file that says 2
+        flag = next((k for k, v in (overrides or {}).items() if v is not None and message.startswith(f"{k}:")), None)
+        if flag:
+            raise SpecError(f"--{flag.replace('_', '-')} {overrides[flag]}: {message}") from None
+        raise SpecError(blame(path, sets, message)) from None
 
 
 def apply_set(tree: dict[str, Any], text: str) -> None:

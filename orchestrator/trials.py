@@ -144,7 +144,7 @@ def check_data_exists(ctx: SweepContext, trials: list[Trial]) -> None:
             resolve_path(path)
         except (FileNotFoundError, ValueError) as err:
             key = "space.data.path" if "data.path" in ctx.spec.space else "base.data.path"
-            raise SpecError(f"{ctx.spec_path}: {key}: {str(err).removeprefix('data.path: ')}") from None
+            raise SpecError(blame(ctx.spec_path, ctx.sets, f"{key}: {str(err).removeprefix('data.path: ')}")) from None
 
 
 REPORTED_METRICS = ("val_error", "val_loss", "test_error", "test_loss")

@@ -481,6 +481,18 @@ def test_a_copied_shipped_spec_finds_its_cluster_profile_by_name(tmp_path, monke
     assert load_cluster_profile(loaded, path) == yaml.safe_load((REPO / "cluster" / "local-slurm.yaml").read_text())
 
 
+@pytest.mark.parametrize("args, said", [
+    (["--max-concurrent", "0", "--dry-run"], "--max-concurrent 0: max_concurrent: Input should be greater than"),
+    (["--set", "base.data.path=/nope"], "--set base.data.path=/nope: base.data.path: /nope does not exist")])
+def test_a_bad_command_line_value_is_blamed_on_its_option_not_the_file(tmp_path, capsys, args, said):
+    """Both were blamed on sweeps/smoke.yaml, which says max_concurrent: 2 and data.path: synthetic."""
+    spec = smoke_spec(tmp_path)
+    assert orchestrate(["sweep", str(spec), "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db", *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"orchestrate sweep: error: {said}") and err.count("\n") == 1, err
+    assert not (tmp_path / "mlruns.db").exists()
+
+
 def test_missing_spec_file_is_named(tmp_path, capsys):
     assert orchestrate(["sweep", str(tmp_path / "nope.yaml")]) == 2
     err = capsys.readouterr().err
