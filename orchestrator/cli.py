@@ -8,6 +8,7 @@ import argparse
 import difflib
 import importlib
 import sys
+from pathlib import Path
 
 DESCRIPTION = "Run the experiments of He et al. 2016 (ResNets) and your sweeps on Ray Tune or SLURM, tracked in MLflow."
 
@@ -58,6 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         from resnet_core.config import one_value_per_set
         argv = one_value_per_set(argv)
     parser, commands = build_parser(argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    if chosen is not None and chosen not in COMMANDS:  # argparse lists the choices; say which one was meant
+        close = difflib.get_close_matches(chosen, COMMANDS, n=1)
+        parser.error(f"unknown command {chosen!r}" + (f" (did you mean {close[0]}?)" if close else
+                                                      f"; commands: {', '.join(COMMANDS)}"))
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # argparse blamed the top level ("usage: orchestrate [-h] COMMAND ..."); blame the command
         where = commands.get(args.command, parser)
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as err:  # a path that is a file where a folder must be, unwritable, too long, ...
         said = f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+        if isinstance(err, (FileExistsError, NotADirectoryError)) and err.filename and Path(err.filename).is_file():
+            said = f"{err.filename} is a file; a folder is needed there"  # 'File exists' did not say what was wrong
         print(f"orchestrate {args.command}: error: {said}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: what was done is kept (finished trials, checkpoints); no traceback

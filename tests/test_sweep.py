@@ -444,6 +444,16 @@ def test_a_mistyped_option_shows_its_command_usage_and_the_option_it_meant(capsy
     assert err.strip().endswith("error: unrecognized arguments: --dryrun (did you mean --dry-run?)"), err
 
 
+@pytest.mark.parametrize("argv, said", [(["swep", "x.yaml"], "unknown command 'swep' (did you mean sweep?)"),
+                                        (["train", "--keys", "--print-config"], "not allowed with argument --keys")])
+def test_a_mistyped_command_or_options_that_exclude_each_other_are_one_line(capsys, argv, said):
+    """'swep' got argparse's list of choices and no hint; --keys quietly ignored --print-config."""
+    with pytest.raises(SystemExit) as stopped:
+        orchestrate(argv)
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.strip().endswith(said), err
+
+
 @pytest.mark.parametrize("text,message", [
     ("name: [unclosed", "not valid YAML"),
     ("name: x\nbase: {model: {depth: 8}\nspace: {}\n", "bad.yaml:3:1: not valid YAML (expected ',' or '}', but got '<scalar>')"),

@@ -10,8 +10,9 @@ def add_parser(p: argparse.ArgumentParser) -> None:
                    help="override config keys, e.g. optim.lr=0.05 model.depth=56")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow store, as tracking.uri (default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and its trial key, train nothing")
-    p.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
+    show = p.add_mutually_exclusive_group()  # each prints instead of training: both asked, one was ignored
+    show.add_argument("--print-config", action="store_true", help="print the resolved config and its trial key, train nothing")
+    show.add_argument("--keys", action="store_true", help="list every config key with its default and meaning")
 
 
 def run(args: argparse.Namespace) -> int:
