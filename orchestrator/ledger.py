@@ -78,10 +78,14 @@ class Ledger:
         return warning
 
     def release(self) -> None:
-        """The sweep call ended (finished, failed or interrupted): no longer running it."""
-        owner = self._owner()
-        if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
-            self.client.delete_experiment_tag(self.experiment_id, OWNER_TAG)
+        """The sweep call ended (finished, failed or interrupted): no longer running it. Best effort: a store gone
+        with the sweep must not hide why it ended, and a record left behind blocks nothing once this process ends."""
+        try:
+            owner = self._owner()
+            if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+                self.client.delete_experiment_tag(self.experiment_id, OWNER_TAG)
+        except Exception:  # noqa: BLE001
+            pass
 
     def _owner(self) -> dict | None:
         if self.experiment_id is None:
