@@ -55,16 +55,13 @@ class Ledger:
         one's running trials for interrupted ones and trained them again in the same runs. Refuses when the
         other process is alive on this host; returns a warning when it was started on another host, where it
         cannot be checked from here."""
-        owner = self._owner()
+        owner = live_owner(self._owner())
         if not owner or (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname()):
             return None
-        said = (f"sweep {self.name!r} is already running: pid {owner.get('pid')} on {owner.get('host')}, since "
-                f"{owner.get('since')}, output {owner.get('output')}")
+        said = f"sweep {self.name!r} is already running: {describe_owner(owner)}"
         if owner.get("host") != socket.gethostname():
             return said + " (another host: if it still runs, its running trials train twice; stop it first)"
-        if _alive(owner.get("pid"), owner.get("created")):
-            raise UserError(said + "; wait for it, or stop it (Ctrl-C, kill) and run this again: it resumes")
-        return None
+        raise UserError(said + "; wait for it, or stop it (Ctrl-C, kill) and run this again: it resumes")
 
     def claim(self, output) -> str | None:
         """check_owner(), then record this process as the sweep's orchestrator (until release())."""
@@ -88,13 +85,7 @@ class Ledger:
             pass
 
     def _owner(self) -> dict | None:
-        if self.experiment_id is None:
-            return None
-        value = self.client.get_experiment(self.experiment_id).tags.get(OWNER_TAG)
-        try:
-            return json.loads(value) if value else None
-        except json.JSONDecodeError:
-            return None
+        return None if self.experiment_id is None else recorded_owner(self.client.get_experiment(self.experiment_id))
 
     def trial_runs(self) -> dict[str, object]:
         """The newest run of each trial key in this sweep's experiment."""
@@ -152,6 +143,28 @@ class Ledger:
         for key, value in {"early_stopped": "true", "status_reason": reason}.items():
             self.client.set_tag(run_id, key, value)
         self.client.set_terminated(run_id, status="KILLED")
+
+
+def recorded_owner(experiment) -> dict | None:
+    """The orchestrator a sweep's experiment records (Ledger.claim), alive or not."""
+    value = experiment.tags.get(OWNER_TAG)
+    try:
+        return json.loads(value) if value else None
+    except json.JSONDecodeError:
+        return None
+
+
+def live_owner(owner: dict | None) -> dict | None:
+    """The recorded orchestrator unless it is known to be gone (a dead process on this host). One on another host
+    cannot be checked from here: it counts as alive."""
+    if owner and owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"), owner.get("created")):
+        return None
+    return owner
+
+
+def describe_owner(owner: dict) -> str:
+    return (f"pid {owner.get('pid')} on {owner.get('host')}, since {owner.get('since')}, "
+            f"output {owner.get('output')}")
 
 
 def _alive(pid, created) -> bool:

@@ -680,7 +680,7 @@ def test_a_second_orchestrator_of_the_same_sweep_is_refused(tmp_path):
     assert len(trial_runs(tmp_path, "smoke")) == 4
 
 
-def test_the_record_of_a_dead_or_remote_orchestrator_does_not_block_a_sweep(tmp_path):
+def test_the_record_of_a_dead_or_remote_orchestrator_does_not_block_a_sweep(tmp_path, capsys):
     """A killed orchestrator (kill -9, a lost node) leaves its record in the store; only a live process on this
     host refuses. One on another host cannot be checked from here: a warning."""
     import socket
@@ -695,6 +695,8 @@ def test_the_record_of_a_dead_or_remote_orchestrator_does_not_block_a_sweep(tmp_
         record(ledger, here)
         with pytest.raises(UserError, match=f"sweep 'owned' is already running: pid {alive.pid} on "):
             ledger.claim("/mine")
+        assert orchestrate(["status", "owned", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0
+        assert f"running now: `orchestrate sweep`, pid {alive.pid} on " in capsys.readouterr().out
         record(ledger, here, created=here["created"] - 3600)  # its pid, reused by another process
         assert ledger.check_owner() is None
         record(ledger, here, host="elsewhere")
@@ -703,6 +705,8 @@ def test_the_record_of_a_dead_or_remote_orchestrator_does_not_block_a_sweep(tmp_
         alive.kill()
         alive.wait()
     record(ledger, here)  # the process is gone
+    assert orchestrate(["status", "owned", "--tracking-uri", f"sqlite:///{tmp_path}/mlruns.db"]) == 0
+    assert "running now" not in capsys.readouterr().out
     assert ledger.claim("/mine") is None and ledger._owner()["output"] == "/mine"
     ledger.release()
     assert OWNER_TAG not in ledger.client.get_experiment(ledger.experiment_id).tags

@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
                       f"{m['epoch']:.0f}" if "epoch" in m else "", _fmt(m.get("test_error")),
                       _fmt(m.get("val_error")), _fmt(m.get("best_val_error")), r.info.run_id[:12], escape(note))
     console().print(table)
+    from orchestrator.ledger import describe_owner, live_owner, recorded_owner
+    owner = live_owner(recorded_owner(exp))
+    if owner:
+        console().print(f"running now: `orchestrate sweep`, {escape(describe_owner(owner))}")
     pending = not_started(exp, runs)
     if pending not in ("", "0"):
         # escaped: rich read "[resnet20,plain20]" of a --set as markup and dropped it from the command
