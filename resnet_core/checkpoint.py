@@ -71,14 +71,12 @@ def checkpoint_files(folder: Path) -> list[Path]:
     return sorted(found, key=checkpoint_iteration, reverse=True)
 
 
-def discard(folder: Path) -> int:
+def discard(folder: Path) -> None:
     """``checkpoint.resume: false``, a trial started over: its old checkpoints go. Left, the newest of them (the
     old training's last) outranked the new ones, which the pruning deleted as they were written, and a later
     resume went back to the old training."""
-    old = checkpoint_files(folder)
-    for path in old:
+    for path in checkpoint_files(folder):
         path.unlink(missing_ok=True)
-    return len(old)
 
 
 def checkpoint_iteration(path: Path) -> int:
