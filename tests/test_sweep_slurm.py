@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -284,6 +286,24 @@ def test_a_cancelled_job_is_an_interrupted_trial_that_a_rerun_resumes(slurm_clus
     run, = runs(uri, "smoke")
     assert run.info.run_id == first["run_id"] and run.info.status == "FINISHED"
     assert steps(uri, run.info.run_id, "train_loss") == list(range(3, total + 1, 3))  # no gap, no repeat
+
+
+def test_ctrl_c_names_the_checkpoint_its_jobs_write_as_they_stop(slurm_cluster, tmp_path):
+    """The sweep cancelled its jobs and marked their runs at once, naming the last periodic checkpoint ('resumes
+    it from its checkpoint at iteration 30') while each job, on SIGTERM, was writing a newer one (36)."""
+    spec, uri = one_long_trial(tmp_path, 600)
+    proc, _, first = start_until_epoch_2(slurm_cluster, tmp_path, spec, uri)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, out[-3000:]
+    run, = runs(uri, "smoke")
+    reason = run.data.tags["status_reason"]
+    stopped = re.fullmatch(r"interrupted: stopped at iteration (\d+), checkpoint written; running it again resumes it",
+                           reason)
+    assert run.info.status == "KILLED" and stopped, reason
+    newest = max(int(p.name[5:14]) for p in (tmp_path / "out" / "checkpoints").glob("*/ckpt-*.pt"))
+    assert int(stopped.group(1)) == newest  # the one written as it stopped
+    assert reason in " ".join(out.split()), out[-3000:]  # what the sweep said, too
 
 
 def test_asha_stops_a_trial_and_cancels_its_job(slurm_cluster, tmp_path):

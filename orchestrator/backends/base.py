@@ -11,6 +11,8 @@ from typing import Any, Protocol
 
 from ..trials import REPORTED_METRICS, SweepContext, Trial
 
+STOP_GRACE_S = 60  # after a sweep's Ctrl-C, how long the running trials may take to checkpoint (as SLURM's warning)
+
 
 class Events(Protocol):
     """Trial state changes, for the progress view. States: running, finished, failed, interrupted

@@ -30,11 +30,10 @@ from ..cli import UserError
 from ..mps import mps_daemon
 from ..ledger import Ledger
 from ..trials import REPORTED_METRICS, FusedGroup, SweepContext, Trial, fuse
-from .base import Events, ReportTail, metric_placeholders, sigterm_as_ctrl_c
+from .base import STOP_GRACE_S, Events, ReportTail, metric_placeholders, sigterm_as_ctrl_c
 
 from resnet_core.train import REPORT_FILE_ENV, Interrupted  # noqa: E402  (the worker defines the channel)
 
-STOP_GRACE_S = 60  # after a sweep's Ctrl-C, how long the running trials may take to checkpoint (as SLURM's warning)
 
 
 def uses_launcher(spec, cfg_dict: dict) -> str:

@@ -32,7 +32,7 @@ from typing import Any
 from ..ledger import Ledger
 from ..spec import SpecError
 from ..trials import FusedGroup, SweepContext, Trial, fuse
-from .base import Events, ReportTail, metric_placeholders
+from .base import STOP_GRACE_S, Events, ReportTail, metric_placeholders
 from .slurm_job import EXIT_INTERRUPTED, SlurmTrial
 
 # The cluster profile's `slurm:` keys (unknown keys are an error naming the valid ones).
@@ -234,6 +234,12 @@ class SlurmBackend:
             # SIGTERM, and the next run resumes them. Left running, a re-run would start a second job per trial.
             for job, _ in watch.values():
                 cancel(job.job_id)
+            # Until they have (a few seconds): the sweep then reports the iteration each resumes from, not the
+            # periodic checkpoint before it. A second Ctrl-C stops waiting.
+            deadline = time.monotonic() + STOP_GRACE_S
+            with contextlib.suppress(KeyboardInterrupt):
+                for job, _ in watch.values():
+                    wait_gone(job.job_id, timeout=max(0.0, deadline - time.monotonic()))
             raise
 
     def monitor(self, watch: dict[str, tuple[Any, "ReportTail"]], events: Events) -> None:
