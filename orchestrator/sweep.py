@@ -11,7 +11,7 @@ from resnet_core.tracking import absolute_uri, check_store_usable, tracking_uri
 
 from .backends import get_backend
 from .estimate import EAGER_SLOWDOWN, gpu_hours
-from .ledger import RESUME, SKIP_FAILED, Ledger
+from .ledger import NEW, RESUME, SKIP_FAILED, Ledger
 from .progress import SweepProgress
 from .spec import SpecError, load_cluster_profile, load_spec
 from .trials import (FusedGroup, SweepContext, Trial, check_data_exists, check_gpu_memory, expand, fuse,
@@ -90,6 +90,9 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
         lines.append(f"warning: {err} (here; a real run stops on it)")
     if foreign:
         lines.append("warning: " + foreign_runs_message(ctx, foreign))
+    elsewhere = checkpoints_of_another_store(ctx, trials, done)
+    if elsewhere:
+        lines.append("warning: " + elsewhere)
     lines += schedule_warning_lines(trials)
     units = fuse(ctx, trials)
     memory = gpu_memory_plan(ctx, units)
@@ -157,6 +160,22 @@ def foreign_runs_message(ctx: SweepContext, count: int) -> str:
     return (f"sweep {ctx.spec.name!r} already holds {count} trial run(s) that are not trials of this spec (it was "
             "edited since they ran); status, report and ensemble count them with the new ones. To keep them "
             "apart, give the edited spec another name (--set name=...)")
+
+
+def checkpoints_of_another_store(ctx: SweepContext, trials: list[Trial], reasons: dict[str, str]) -> str | None:
+    """Trials without a run in this store whose checkpoints are in the output folder: another store (or sweep
+    name) trained them there, and the workers go on from those quietly (a finished one only evaluates once, and
+    its curve stays in the other store; report then blamed eval.every_epochs)."""
+    from resnet_core.checkpoint import checkpoint_files
+    folder = ctx.output / "checkpoints"
+    found = [t for t in trials if reasons.get(t.key, NEW) == NEW and t.config.checkpoint.resume
+             and checkpoint_files(folder / t.key)]
+    if not found:
+        return None
+    return (f"{len(found)} trial(s) without a run in {ctx.tracking_uri} have checkpoints in {folder} (written with "
+            "another store or sweep name): they go on from those in new runs here, and one trained to its end is "
+            "only evaluated, its curve left in the other store; --output elsewhere or --set "
+            "base.checkpoint.resume=false trains them from scratch")
 
 
 def resume_message(ctx: SweepContext, plan) -> str:
@@ -228,7 +247,8 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
     other_host = ledger.claim(ctx.output)  # refuses a sweep that another orchestrator runs now
     try:
         ledger.record_plan(trials, command or ctx.spec_path)  # `orchestrate status` lists what has not started
-        return run_plan(ctx, trials, plan, backend, live, warnings=[other_host] if other_host else [])
+        warnings = [other_host, checkpoints_of_another_store(ctx, plan.to_run, plan.reason)]
+        return run_plan(ctx, trials, plan, backend, live, warnings=[w for w in warnings if w])
     finally:
         ledger.release()
 

@@ -652,6 +652,25 @@ def test_the_resume_line_tells_apart_trials_without_a_checkpoint(tmp_path):
                                                                   "from their checkpoints")
 
 
+def test_checkpoints_written_with_another_store_are_announced(tmp_path, capsys):
+    """The same sweep on a new store went on quietly from the output folder's checkpoints of the old one: its
+    finished trials were only evaluated, and report blamed eval.every_epochs for their one-point curves."""
+    from resnet_core import checkpoint
+    from orchestrator.sweep import prepare
+    spec = smoke_spec(tmp_path)
+    ctx, trials = prepare(str(spec), output=str(tmp_path / "out"))
+    checkpoint.save(ctx.output / "checkpoints" / trials[0].key, 60, {"iteration": 60, "step": {}, "run_id": "r",
+                                                                      "trial_key": trials[0].key}, keep=1)
+    args = ["sweep", str(spec), "--dry-run", "--output", str(tmp_path / "out"), "--tracking-uri",
+            f"sqlite:///{tmp_path}/new.db"]
+    assert orchestrate(args) == 0
+    said = " ".join(capsys.readouterr().out.split())
+    assert (f"warning: 1 trial(s) without a run in sqlite:///{tmp_path}/new.db have checkpoints in "
+            f"{tmp_path / 'out' / 'checkpoints'} (written with another store or sweep name)") in said, said
+    assert orchestrate([*args, "--set", "base.checkpoint.resume=false"]) == 0  # trains them afresh: nothing to say
+    assert "written with another store" not in capsys.readouterr().out
+
+
 def test_a_second_orchestrator_of_the_same_sweep_is_refused(tmp_path):
     """Both ran every trial; the copies stopped as 'superseded' and both views reported them failed."""
     spec = smoke_spec(tmp_path)
