@@ -507,7 +507,7 @@ def test_a_stop_signal_writes_a_checkpoint_before_exit_and_the_rerun_finishes(tm
 def test_a_closed_output_stops_the_trial_with_a_checkpoint_like_ctrl_c(tmp_path):
     """`orchestrate train ... | head -3`: head goes away and the next progress line raised BrokenPipeError, which
     failed the run with no checkpoint written."""
-    cfg = tiny_config(tmp_path, schedule={"total": 400, "milestones": [300]}, checkpoint={"every": 100000})
+    cfg = tiny_config(tmp_path, schedule={"total": 200, "milestones": [150]}, checkpoint={"every": 100000})
     cfg_path = write_config(tmp_path, cfg)
     runs_of(cfg)  # creates the sqlite store now: two processes creating one at once can crash (environment.md)
     worker = start_worker(cfg_path, tmp_path)
@@ -516,14 +516,14 @@ def test_a_closed_output_stops_the_trial_with_a_checkpoint_like_ctrl_c(tmp_path)
     worker.stdout.close()  # what head does after its lines
     assert worker.wait(timeout=120) == 3
     stopped_at = newest_iteration(trial_folder(cfg))
-    assert 0 < stopped_at < 400  # the only checkpoint is the one the closed output asked for
+    assert 0 < stopped_at < 200  # the only checkpoint is the one the closed output asked for
     (run,) = runs_of(cfg)
     assert run.info.status == "KILLED" and "checkpoint written" in run.data.tags["status_reason"], run.data.tags
     rerun = subprocess.run([BIN / "orchestrate", "train", cfg_path], cwd=tmp_path, env=worker_env(tmp_path),
                            capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     (run,) = runs_of(cfg)
-    assert run.info.status == "FINISHED" and [s for s, _ in history(cfg, run.info.run_id)] == list(range(5, 401, 5))
+    assert run.info.status == "FINISHED" and [s for s, _ in history(cfg, run.info.run_id)] == list(range(5, 201, 5))
 
 
 def test_a_second_copy_of_a_trial_takes_over_and_the_first_stops_writing(tmp_path):
