@@ -258,6 +258,13 @@ def mean_curve(client, run_ids: list[str], key: str) -> tuple[list[int], list[fl
 CURVE_SETTINGS = {"train_error": "tracking.log_every", "test_error": "eval.every_epochs"}
 
 
+def why_no_curve(client, cell: Cell, key: str) -> str:
+    if any("resumed_from_run" in client.get_run(run_id).data.tags for run_id in cell.runs):
+        return ("its run went on from a checkpoint written with another store (tag resumed_from_run): the curve is "
+                "in that run")
+    return f"{CURVE_SETTINGS[key]} below the run's length gives one"
+
+
 def plot_curves(client, cells: list[Cell], path: Path, sweep: str, say=print) -> None:
     """Fig. 6: dashed training error, solid test error; plain nets left, ResNets right; one colour per depth.
     A curve of one point is drawn as a dot and said: a line through one point is invisible."""
@@ -275,7 +282,7 @@ def plot_curves(client, cells: list[Cell], path: Path, sweep: str, say=print) ->
                 steps, errors = mean_curve(client, cell.runs, key)
                 if len(steps) < 2:
                     say(f"{path.name}: {cell.label}'s {key} has {len(steps)} logged point(s), no curve; "
-                        f"{CURVE_SETTINGS[key]} below the run's length gives one")
+                        + why_no_curve(client, cell, key))
                 ax.plot(steps, errors, color=colour, marker="o" if len(steps) == 1 else None, **style)
         ax.set_title(("ResNets" if residual else "plain networks") + left_out)
         ax.set_xlabel("iterations")

@@ -304,3 +304,10 @@ def test_a_curve_of_one_logged_point_is_a_dot_and_is_said(tmp_path, monkeypatch)
     train, test = figures[0].axes[0].get_lines()
     assert (train.get_marker(), list(train.get_xdata())) == ("o", [30])
     assert test.get_marker() in (None, "None") and list(test.get_xdata()) == [10, 20, 30]
+    # a run that went on from another store's checkpoint has its curve there: the advice above was wrong for it
+    client.set_tag(run_id, "resumed_from_run", "elsewhere")
+    said.clear()
+    plot_curves(client, [Cell("ResNet", 8, "ResNet-8", None, [0.3], [run_id], {"optim.lr": "0.1"})],
+                tmp_path / "d.png", "short", said.append)
+    assert said == ["d.png: ResNet-8 [optim.lr=0.1]'s train_error has 1 logged point(s), no curve; its run went on "
+                    "from a checkpoint written with another store (tag resumed_from_run): the curve is in that run"]

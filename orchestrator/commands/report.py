@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     client = open_client(args.tracking_uri)
     experiment = sweep_experiment(client, args.sweep)
     out = args.out or Path("reports") / experiment.name
-    cells, paths = write_report(client, experiment, out, say=lambda text: screen.print(f"[yellow]{text}[/yellow]"))
+    cells, paths = write_report(client, experiment, out, say=lambda text: screen.print(text, style="yellow", markup=False))
     screen.print(Markdown(paths["table6.md"].read_text()))
     for path in paths.values():
         screen.print(f"wrote {path}")
