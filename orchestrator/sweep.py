@@ -132,7 +132,11 @@ def mark_interrupted(ctx: SweepContext, progress: SweepProgress, trials: list[Tr
     RUNNING, the MLflow UI and `status` showed dead trials as running."""
     running = {t.key: t for t in trials if t.key in progress.trials and progress.trials[t.key].state == "running"}
     ledger = Ledger(ctx.tracking_uri, ctx.spec.name, create=False)
-    for key, run in ledger.trial_runs().items():
+    runs = ledger.trial_runs()
+    for key in running.keys() - runs.keys():  # its job or actor had started, its worker not yet: still "running"
+        progress.update(key, "interrupted", reason="the sweep was stopped before the trial opened its run; the same "
+                                                   "orchestrate sweep command starts it")
+    for key, run in runs.items():
         if key not in running:
             continue
         if run.info.status == "RUNNING":

@@ -652,6 +652,23 @@ def test_the_resume_line_tells_apart_trials_without_a_checkpoint(tmp_path):
                                                                   "from their checkpoints")
 
 
+def test_a_stopped_sweep_counts_a_trial_that_had_no_run_yet_as_interrupted(tmp_path):
+    """Ctrl-C just after SLURM started two jobs, before their workers opened runs: the last line said
+    'interrupted: 2 running, 2 finished' while sacct said CANCELLED."""
+    from orchestrator.ledger import Ledger
+    from orchestrator.progress import SweepProgress
+    from orchestrator.sweep import mark_interrupted, prepare
+    ctx, trials = prepare(str(smoke_spec(tmp_path)), tracking_uri=f"sqlite:///{tmp_path}/mlruns.db")
+    ledger = Ledger(ctx.tracking_uri, "smoke")
+    ledger.client.create_run(ledger.experiment_id, tags={"kind": "trial", "trial_key": trials[0].key})
+    progress = SweepProgress("smoke", trials[:2], {}, live=False)
+    for trial in trials[:2]:
+        progress.update(trial.key, "running")
+    mark_interrupted(ctx, progress, trials[:2])
+    assert progress.counts()["interrupted"] == 2 and progress.counts()["running"] == 0, progress.counts()
+    assert "before the trial opened its run" in progress.trials[trials[1].key].info["reason"]
+
+
 def test_checkpoints_written_with_another_store_are_announced(tmp_path, capsys):
     """The same sweep on a new store went on quietly from the output folder's checkpoints of the old one: its
     finished trials were only evaluated, and report blamed eval.every_epochs for their one-point curves."""
