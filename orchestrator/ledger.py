@@ -56,7 +56,7 @@ class Ledger:
         other process is alive on this host; returns a warning when it was started on another host, where it
         cannot be checked from here."""
         owner = live_owner(self._owner())
-        if not owner or (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname()):
+        if not owner or is_this_process(owner):
             return None
         said = f"sweep {self.name!r} is already running: {describe_owner(owner)}"
         if owner.get("host") != socket.gethostname():
@@ -79,7 +79,7 @@ class Ledger:
         with the sweep must not hide why it ended, and a record left behind blocks nothing once this process ends."""
         try:
             owner = self._owner()
-            if owner and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            if owner and is_this_process(owner):
                 self.client.delete_experiment_tag(self.experiment_id, OWNER_TAG)
         except Exception:  # noqa: BLE001
             pass
@@ -160,6 +160,10 @@ def live_owner(owner: dict | None) -> dict | None:
     if owner and owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"), owner.get("created")):
         return None
     return owner
+
+
+def is_this_process(owner: dict) -> bool:
+    return (owner.get("pid"), owner.get("host")) == (os.getpid(), socket.gethostname())
 
 
 def describe_owner(owner: dict) -> str:

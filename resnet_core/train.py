@@ -368,15 +368,17 @@ def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
               "were", file=sys.stderr)
     # checkpoint.resume off starts the trial over in a new run: continued, the old run dropped the new points up
     # to its last step (a run's steps only go forward), and its curve and the new weights disagreed
-    earlier = tracker.find_run(key)
-    run_id = run_id or (earlier if cfg.checkpoint.resume else None)
+    if cfg.checkpoint.resume:
+        run_id, earlier = run_id or tracker.find_run(key), None
+    else:
+        earlier = tracker.find_run(key)  # retired below, once the new run exists
     # kind=trial: a run of `orchestrate train` is a trial too, seen by status, report and ensemble
     tags = {**environment_tags(world_size), "trial_key": key, "kind": "trial", **t.tags}
     if moved_from:
         tags["resumed_from_run"] = moved_from
     params = flatten(cfg.model_dump(mode="json"))
     run_id = tracker.start(run_id, t.run_name or f"{cfg.model.name}-{key[:8]}", params, tags)
-    if earlier and earlier != run_id and not cfg.checkpoint.resume:
+    if earlier:
         retire_run(tracker, key, earlier, run_id)
     if rejected_checkpoints:  # the event a user must see: a corrupt checkpoint was skipped
         tracker.set_tags({"checkpoint_rejected": ",".join(rejected_checkpoints)})
