@@ -312,6 +312,15 @@ def test_dry_run_of_the_paper_depth_sweep_estimates_gpu_hours(capsys):
     assert 0.5 < hours < 20  # ~27 min for the five ResNets with CUDA graphs (gpu.md), x3 seeds, + plain nets
 
 
+def test_a_dry_run_of_a_ray_sweep_does_not_import_ray(tmp_path):
+    """A dry run is what a user re-runs while editing a sweep: importing Ray cost it ~2 s of ~15 s."""
+    code = ("import sys; from orchestrator.cli import main; "
+            f"code = main(['sweep', {str(smoke_spec(tmp_path))!r}, '--dry-run', '--tracking-uri', "
+            f"'sqlite:///{tmp_path}/m.db']); print('ray loaded' if 'ray' in sys.modules else 'no ray', code)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.splitlines()[-1] == "no ray 0", done.stdout[-2000:] + done.stderr[-2000:]
+
+
 def test_set_edits_a_shipped_sweep_from_the_command_line(capsys):
     """Shrinking a shipped sweep needs no copy of its YAML (a copy's relative paths mean something else)."""
     assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run", "--tracking-uri",

@@ -1,5 +1,5 @@
-"""Backends run a sweep's trials on an existing engine. Chosen by name, imported only when chosen, so Ray is
-never imported for a SLURM sweep and the reverse."""
+"""Backends run a sweep's trials on an existing engine. Chosen by name, imported only when chosen, so a SLURM
+sweep imports no Ray (unless under ASHA, where a local Tune decides) and the reverse."""
 from __future__ import annotations
 
 import importlib

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import re
 import shlex
 import signal
 import socket
@@ -23,14 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ray import tune
-
 from .. import launch
 from ..cli import UserError
 from ..mps import mps_daemon
-from ..ledger import Ledger
-from ..trials import REPORTED_METRICS, FusedGroup, SweepContext, Trial, fuse
-from .base import STOP_GRACE_S, Events, ReportTail, metric_placeholders, sigterm_as_ctrl_c
+from ..trials import FusedGroup, SweepContext, Trial, fuse
+from .base import Events, ReportTail, metric_placeholders, sigterm_as_ctrl_c
 
 from resnet_core.train import REPORT_FILE_ENV, Interrupted  # noqa: E402  (the worker defines the channel)
 
@@ -79,12 +74,18 @@ def run_trial(config: dict[str, Any]) -> None:
                 results = [{"status": "INTERRUPTED", "trial_key": m["key"],
                             "reason": f"the sweep was stopped: {err}"} for m in members]
     for result in results:
-        tune.report({"trial_status": result["status"], "run_id": result.get("run_id"), **metric_placeholders(result),
+        report_to_tune({"trial_status": result["status"], "run_id": result.get("run_id"), **metric_placeholders(result),
                      **{k: v for k, v in result.items() if isinstance(v, (int, float))},
                      "trial_key": result["trial_key"], **({"reason": result["reason"]} if "reason" in result else {})})
 
 
+def report_to_tune(metrics: dict) -> None:
+    from ray import tune
+    tune.report(dict(metrics))
+
+
 def run_members(trial: dict[str, Any], members: list[dict[str, Any]], stop: threading.Event) -> list[dict]:
+    from ray import tune
     tags = {"backend": "ray", "backend_job_id": tune.get_context().get_trial_id()}
     cfg_dicts = [json.loads(json.dumps(m["config"])) for m in members]
     for cfg_dict in cfg_dicts:
@@ -133,14 +134,14 @@ def run_fused_in_process(cfg_dicts: list[dict], cpus: float, stop: threading.Eve
     import torch
     from resnet_core.fused import train_fused
     torch.set_num_threads(max(1, int(cpus)))
-    return train_fused(cfg_dicts, report=lambda metrics: tune.report(dict(metrics)), stop=stop)
+    return train_fused(cfg_dicts, report=report_to_tune, stop=stop)
 
 
 def run_in_process(cfg_dict: dict, cpus: float, stop: threading.Event) -> dict:
     import torch
     from resnet_core.train import train
     torch.set_num_threads(max(1, int(cpus)))
-    return train(cfg_dict, report=lambda metrics: tune.report(dict(metrics)), stop=stop)
+    return train(cfg_dict, report=report_to_tune, stop=stop)
 
 
 def run_child(cfg_dict: dict, launcher: str, workers: int, stop: threading.Event) -> dict:
@@ -164,7 +165,7 @@ def run_child(cfg_dict: dict, launcher: str, workers: int, stop: threading.Event
                 if "status" in record:  # its result: run_trial reports it, as the in-process path's
                     final = record
                 else:
-                    tune.report(record)
+                    report_to_tune(record)
             if done:
                 break
             time.sleep(1.0)
@@ -190,7 +191,7 @@ class RayTuneBackend:
         self.spec = ctx.spec
         self.address = ctx.cluster.get("ray", {}).get("address")
         self._stack: contextlib.ExitStack | None = None
-        self.stop_file = ctx.output / ".stop-trials"  # see StopOnCtrlC
+        self.stop_file = ctx.output / ".stop-trials"  # see tune_events.StopOnCtrlC
 
     def describe(self, trial: Trial | FusedGroup) -> str:
         r = self.spec.resources
@@ -229,6 +230,8 @@ class RayTuneBackend:
             self._stack = None
 
     def run(self, trials: list[Trial], events: Events) -> None:
+        from ray import tune
+        from .tune_events import EventsCallback, StopOnCtrlC
         say = getattr(events, "log", print)
         self.start(say)
         callback = EventsCallback(events, self.ctx)
@@ -322,131 +325,3 @@ def check_fits_this_machine(resources, available: dict[str, float],
             raise UserError(f"resources.{key}: each trial asks for {asked:g} {name} but {where} has {have:g} "
                             "(no CUDA GPU visible?); lower it, or use a Ray cluster with GPUs (ray.address in a "
                             "cluster profile)")
-
-
-class StopOnCtrlC(tune.Stopper):
-    """The sweep's first Ctrl-C (or SIGTERM) asks the running trials to checkpoint and stop, by creating the file
-    their ``stop_when_file_appears`` watches, and Tune starts no new trial: it ends once none is running, or
-    STOP_GRACE_S later (a trial on a node that does not see the file). A second Ctrl-C stops at once; the trials
-    then keep only their last periodic checkpoint. Tune's own Ctrl-C handler is off: it ends the trials' actors
-    before they could checkpoint."""
-
-    def __init__(self, flag: Path, callback: "EventsCallback", say):
-        self.flag, self.callback, self.say = flag, callback, say
-        self.asked_at: float | None = None
-
-    def __call__(self, trial_id, result) -> bool:
-        return False  # no trial stops on its own results here (ASHA does that)
-
-    def stop_all(self) -> bool:
-        if self.asked_at is None:
-            return False
-        return not self.callback.live or time.monotonic() - self.asked_at > STOP_GRACE_S
-
-    def __getstate__(self):  # Tune pickles its stopper with the experiment state; the view stays behind
-        return {"flag": self.flag, "callback": None, "say": None, "asked_at": None}
-
-    @contextlib.contextmanager
-    def catching_ctrl_c(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals reach only the main thread: Tune's default applies
-            return
-        self.flag.unlink(missing_ok=True)  # left by a killed orchestrator, it would stop every trial at its start
-        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
-        previous = signal.signal(signal.SIGINT, self.on_ctrl_c)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-            self.flag.unlink(missing_ok=True)
-
-    def on_ctrl_c(self, signum, frame) -> None:
-        if self.asked_at is not None:
-            raise KeyboardInterrupt
-        self.asked_at = time.monotonic()
-        self.flag.touch()
-        self.callback.stopping = True
-        self.say(f"stopping: the running trials checkpoint and stop (within {STOP_GRACE_S} s); Ctrl-C again stops "
-                 "at once")
-
-
-class EventsCallback(tune.Callback):
-    """Tune's trial events -> the progress view; a trial that ends without its final report was stopped by ASHA.
-
-    Tune pickles its callbacks with the experiment state; the live view stays behind (it holds a lock).
-    """
-
-    def __init__(self, events: Events, ctx: SweepContext):
-        self.events, self.ctx = events, ctx
-        self.live: set[str] = set()  # Tune trials started and not ended (StopOnCtrlC waits for them)
-        self.stopping = False  # a trial Tune starts now ends at once (NOT_STARTED): it stays pending in the view
-
-    def __getstate__(self):
-        return {"events": None, "ctx": self.ctx, "live": set(), "stopping": False}
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self.live.add(trial.trial_id)
-        if self.stopping:
-            return
-        for key in trial_keys(trial):
-            self.events.update(key, "running")
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        key = result.get("trial_key") or trial.config["trial"]["key"]
-        if "trial_status" in result:  # a trial's own end (a fused group reports one per member)
-            # FAILED (diverged) and INTERRUPTED (the sweep stopped; a SLURM job under ASHA) say why; NOT_STARTED: to run
-            state = {"FINISHED": "finished", "INTERRUPTED": "interrupted",
-                     "NOT_STARTED": "pending"}.get(result["trial_status"], "failed")
-            self.events.update(key, state, **final_metrics(result),
-                               **({"reason": result.get("reason", "")} if state in ("failed", "interrupted") else {}))
-            return
-        metrics = {k: result[k] for k in ("epoch", "val_error", "test_error") if k in result}
-        self.events.update(key, "running", **metrics)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.live.discard(trial.trial_id)
-        last = trial.last_result or {}
-        if "trial_status" in last:
-            return  # every trial of this job reported its end (on_trial_result)
-        key = trial.config["trial"]["key"]
-        reason = early_stop_reason(self.ctx, last)
-        if last.get("run_id"):
-            Ledger(self.ctx.tracking_uri, self.ctx.spec.name).mark_early_stopped(last["run_id"], reason)
-        self.events.update(key, "stopped", reason=reason, **final_metrics(last))
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.live.discard(trial.trial_id)
-        for key in trial_keys(trial):
-            self.events.update(key, "failed", reason=error_line(trial))
-
-
-def error_line(tune_trial) -> str:
-    """The trial's own exception in one line, and where its traceback is kept (the sweep's output folder)."""
-    kept = Path(tune_trial.path) / "error.txt" if tune_trial.path else None
-    try:  # the driver's staging copy: written before this callback, unlike the copy in storage
-        lines = Path(tune_trial.error_file).read_text().strip().splitlines()
-        said = re.sub(r"^[\w.]*\.(?=\w+: )", "", lines[-1])  # resnet_core.data.config.DataError: -> DataError:
-    except (OSError, TypeError, IndexError):
-        said = "the trial raised an error"
-    return f"{said[:300]} (traceback: {kept or 'in the trial log'})"
-
-
-def trial_keys(tune_trial) -> list[str]:
-    """The sweep trials a Tune trial runs: itself, or the members of a fused group."""
-    payload = tune_trial.config["trial"]
-    return [m["key"] for m in payload["members"]] if "members" in payload else [payload["key"]]
-
-
-def early_stop_reason(ctx: SweepContext, last: dict) -> str:
-    asha = ctx.spec.scheduler.asha
-    metric = asha.metric if asha else "metric"
-    value = last.get(metric)
-    shown = f"{value:.4f}" if isinstance(value, float) else value
-    return f"stopped early by ASHA at epoch {last.get('epoch')} ({metric} {shown})"
-
-
-def final_metrics(last: dict) -> dict:
-    """What the view shows of a trial's last report (every reported metric: the sweep's best is chosen on the
-    scheduler's, val_loss in smoke_lr); not the NaN that metric_placeholders put in."""
-    return {k: last[k] for k in ("epoch", *REPORTED_METRICS)
-            if k in last and not (isinstance(last[k], float) and math.isnan(last[k]))}

@@ -647,7 +647,7 @@ def events_callback_class():
     attribute under its own name, so Tune can pickle it with the experiment state."""
     if "SlurmEventsCallback" in globals():
         return globals()["SlurmEventsCallback"]
-    from .ray_tune import EventsCallback, early_stop_reason, final_metrics
+    from .tune_events import EventsCallback, early_stop_reason, final_metrics
 
     class SlurmEventsCallback(EventsCallback):
         """Tune's events -> the view; an ASHA stop -> scancel of the trial's job and the run marked stopped."""
