@@ -178,11 +178,10 @@ class EnsembleResult:
 
 def build_ensemble(client, experiment, *, top: int, metric: str = "val_error", split: str = "test",
                    method: str = "mean", cache_dir: Path, skip_broken: bool = False, batch_size: int = 500,
-                   device=None, rounds: int | None = None, say: Callable[[str], None] = print) -> EnsembleResult:
+                   device, rounds: int | None = None, say: Callable[[str], None] = print) -> EnsembleResult:
     """Select the top runs, predict with each (cached), combine; nothing is logged here."""
     if method not in METHODS:
         raise UserError(f"--method {method!r}: valid methods: {', '.join(METHODS)}")
-    device = device or default_device()
     runs = top_runs(client, experiment, metric, top)
     check_same_data(runs)
     cache = PredictionCache(cache_dir)
@@ -254,17 +253,14 @@ def describe(run, metric: str) -> Member:
                   run.data.params.get("seed", "?"), run.data.metrics[metric])
 
 
-def default_device():
-    import torch
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 # -- the MLflow record ----------------------------------------------------------------------------------------
 def log_ensemble(client, experiment, result: EnsembleResult) -> str:
     """An MLflow run tagged kind=ensemble in the sweep's experiment: members as params, errors as metrics."""
     import json
     import tempfile
-    from mlflow.entities import Metric, Param
+    import time
+    from mlflow.entities import Metric
+    from resnet_core.tracking import log_params
     top = len(result.members) + len(result.skipped)
     run = client.create_run(experiment.experiment_id, run_name=f"ensemble-{result.method}-top{top}-{result.split}",
                             tags={"kind": "ensemble", "sweep": experiment.name})
@@ -272,14 +268,12 @@ def log_ensemble(client, experiment, result: EnsembleResult) -> str:
               "members": ",".join(m.run_id for m in result.members),
               "skipped": ",".join(s.split(":")[0] for s in result.skipped) or "none"}
     params.update({f"member_{i}": m.run_id for i, m in enumerate(result.members, 1)})
-    now = _now_ms()
+    now = int(time.time() * 1000)
     metrics = {"ensemble_error": result.error, "ensemble_loss": result.loss,
                "best_member_error": result.best_member_error, "gain": result.gain}
     for i, m in enumerate(result.members, 1):
         metrics.update({f"member_{i}_error": m.error, f"member_{i}_weight": m.weight})
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    log_params(client, run.info.run_id, params)
     client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "ensemble.json"
@@ -288,7 +282,3 @@ def log_ensemble(client, experiment, result: EnsembleResult) -> str:
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
 
-
-def _now_ms() -> int:
-    import time
-    return int(time.time() * 1000)

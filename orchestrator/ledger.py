@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from .cli import UserError
-from .runs import stopped_early
+from .runs import stopped_early, trial_runs
 from .trials import Trial
 
 PLANNED_KEY_LENGTH = 10
@@ -91,8 +91,7 @@ class Ledger:
         """The newest run of each trial key in this sweep's experiment."""
         if self.experiment_id is None:
             return {}
-        runs = self.client.search_runs([self.experiment_id], "tags.kind = 'trial'", max_results=50000,
-                                       order_by=["attributes.start_time ASC"])
+        runs = trial_runs(self.client, self.experiment_id, order_by=["attributes.start_time ASC"])
         return {r.data.tags["trial_key"]: r for r in runs if "trial_key" in r.data.tags}
 
     def plan(self, trials: list[Trial], retry_failed: bool = False) -> Plan:

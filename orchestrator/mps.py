@@ -81,4 +81,5 @@ def cuda_client_fails(env: dict[str, str], timeout: float = 60.0) -> str | None:
 
 
 def last_line(said: str, code: int) -> str:
+    """A command's last line of output, else its exit code: its error in one line."""
     return (said.strip().splitlines() or [f"exit {code}"])[-1]

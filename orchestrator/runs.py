@@ -39,9 +39,9 @@ def open_client(uri: str | None):
 def check_store(uri: str) -> None:
     """A sqlite file that does not exist is a typo or the wrong folder: opening it would create an empty store
     and answer "no sweeps", so say so instead."""
-    from resnet_core.tracking import check_store_usable
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
+    from resnet_core.tracking import check_store_usable, sqlite_path
+    path = sqlite_path(uri)
+    if path:
         if not path.exists():
             raise UserError(f"no MLflow store at {path.resolve()} (tracking URI {uri}); name the store the runs "
                             "went to with --tracking-uri or MLFLOW_TRACKING_URI")
@@ -84,11 +84,12 @@ def _listing(names: list[str]) -> str:
 
 
 # -- trial runs -------------------------------------------------------------------------------------------
-def trial_runs(client, experiment_id: str) -> list:
-    """Every trial run of the experiment, all pages."""
+def trial_runs(client, experiment_id: str, order_by: list[str] | None = None) -> list:
+    """Every trial run of the experiment, all pages (MLflow's own order unless ``order_by`` says)."""
     runs, token = [], None
     while True:
-        page = client.search_runs([experiment_id], TRIAL_FILTER, max_results=1000, page_token=token)
+        page = client.search_runs([experiment_id], TRIAL_FILTER, max_results=1000, order_by=order_by,
+                                  page_token=token)
         runs += list(page)
         token = page.token
         if not token:

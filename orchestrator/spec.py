@@ -214,9 +214,7 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None,
     """Read and validate a sweep YAML; ``overrides`` are top-level fields from the command line (backend, ...),
     ``sets`` its ``--set KEY=VALUE`` edits (``base.schedule.total=200``, ``space.optim.lr=[0.1,0.05]``)."""
     path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"sweep spec not found: {path}" if not path.is_dir() else f"{path}: is a folder, not a YAML file")
-    tree = read_yaml(path, SpecError)
+    tree = read_yaml(path, SpecError, "sweep spec")
     if not isinstance(tree, dict):
         raise SpecError(f"{path}: the top level must be a mapping (name, base, space, ...)")
     if "name" not in tree and TRIAL_SECTIONS & tree.keys():

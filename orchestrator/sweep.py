@@ -52,7 +52,9 @@ def use_ray_auth_token_if_any() -> None:
 
 
 def store_exists(uri: str) -> bool:
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
+    from resnet_core.tracking import sqlite_path
+    path = sqlite_path(uri)
+    return path is None or path.exists()
 
 
 def schedule_warning_lines(trials: list[Trial]) -> list[str]:
@@ -88,12 +90,7 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
         check_data_exists(ctx, trials)
     except SpecError as err:  # shown, not fatal: the compute nodes may see what this machine does not
         lines.append(f"warning: {err} (here; a real run stops on it)")
-    if foreign:
-        lines.append("warning: " + foreign_runs_message(ctx, foreign))
-    elsewhere = checkpoints_of_another_store(ctx, trials, done)
-    if elsewhere:
-        lines.append("warning: " + elsewhere)
-    lines += schedule_warning_lines(trials)
+    lines += plan_warnings(ctx, trials, done, foreign)
     units = fuse(ctx, trials)
     memory = gpu_memory_plan(ctx, units)
     if memory:
@@ -103,7 +100,7 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
     lines.append("")
     total = 0.0
     for unit in units:
-        members = unit.members if isinstance(unit, FusedGroup) else (unit,)
+        members = unit.members
         if isinstance(unit, FusedGroup):
             lines.append(f"{unit.key}: {len(members)} trials trained as one fused model (one process)")
         for trial in members:
@@ -156,6 +153,16 @@ def resume_point(trial: Trial) -> str:
     if iteration:
         return f"from its checkpoint at iteration {iteration}"
     return "from iteration 0 (it stopped before its first checkpoint: checkpoint.every)"
+
+
+def plan_warnings(ctx: SweepContext, trials: list[Trial], reasons: dict[str, str], foreign: int) -> list[str]:
+    """What a sweep (and its dry run) warns of before it runs ``trials``: runs under its name that are none of its
+    trials, checkpoints another store wrote, schedules that do not fit the run's length."""
+    lines = ["warning: " + foreign_runs_message(ctx, foreign)] if foreign else []
+    elsewhere = checkpoints_of_another_store(ctx, trials, reasons)
+    if elsewhere:
+        lines.append("warning: " + elsewhere)
+    return lines + schedule_warning_lines(trials)
 
 
 def foreign_runs_message(ctx: SweepContext, count: int) -> str:
@@ -251,13 +258,12 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
     other_host = ledger.claim(ctx.output)  # refuses a sweep that another orchestrator runs now
     try:
         ledger.record_plan(trials, command or ctx.spec_path)  # `orchestrate status` lists what has not started
-        warnings = [other_host, checkpoints_of_another_store(ctx, plan.to_run, plan.reason)]
-        return run_plan(ctx, trials, plan, backend, live, warnings=[w for w in warnings if w])
+        return run_plan(ctx, trials, plan, backend, live, other_host)
     finally:
         ledger.release()
 
 
-def run_plan(ctx: SweepContext, trials: list[Trial], plan, backend, live: bool | None, warnings: list[str]) -> dict:
+def run_plan(ctx: SweepContext, trials: list[Trial], plan, backend, live: bool | None, other_host: str | None) -> dict:
     running = {t.key for t in plan.to_run}
     # with a finished trial's metrics: the sweep's best may be one that finished in an earlier call
     skipped = {t.key: (t.label, {"reason": plan.reason[t.key], **plan.results.get(t.key, {})})
@@ -266,13 +272,11 @@ def run_plan(ctx: SweepContext, trials: list[Trial], plan, backend, live: bool |
     held_out = trials and all(t.config.data.val_split for t in trials)
     metric = ctx.spec.scheduler.asha.metric if ctx.spec.scheduler.asha else "val_error" if held_out else "test_error"
     progress = SweepProgress(ctx.spec.name, plan.to_run, skipped, metric=metric, live=live)
-    for warning in warnings:
-        progress.log("warning: " + warning)
+    if other_host:
+        progress.log("warning: " + other_host)
     if plan.count(RESUME):
         progress.log(resume_message(ctx, plan))
-    if plan.foreign:
-        progress.log("warning: " + foreign_runs_message(ctx, plan.foreign))
-    for line in schedule_warning_lines(plan.to_run):  # a worker's own warning never reaches this console
+    for line in plan_warnings(ctx, plan.to_run, plan.reason, plan.foreign):  # a worker's never reach this console
         progress.log(line)
     if plan.count(SKIP_FAILED):
         progress.log(f"sweep {ctx.spec.name!r}: {plan.count(SKIP_FAILED)} trial(s) failed in an earlier run and are "

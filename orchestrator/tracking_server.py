@@ -195,6 +195,27 @@ class PostgresDatabase:
             self._psql(f"CREATE DATABASE {DB_NAME} OWNER {DB_USER}")
 
 
+def local_host(host: str) -> str:
+    """Where a client on this machine reaches a server bound to ``host`` (every interface: the loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def wait_healthy(proc: subprocess.Popen, host: str, port: int, timeout: float) -> str | None:
+    """Wait until the mlflow server ``proc`` answers /health on host:port; else say why not."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with code {proc.returncode} before answering"
+        try:
+            with urllib.request.urlopen(f"http://{local_host(host)}:{port}/health", timeout=2) as response:
+                if response.status == 200:
+                    return None
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.25)
+    return f"did not answer on {host}:{port} within {timeout:.0f} s"
+
+
 class TrackingServer:
     """`mlflow server` with a PostgreSQL or sqlite store under ``folder``. ``port=0`` picks a free port."""
 
@@ -263,20 +284,9 @@ class TrackingServer:
         self.wait_healthy()
 
     def wait_healthy(self) -> None:
-        health = f"http://{'127.0.0.1' if self.host in ('0.0.0.0', '::') else self.host}:{self.port}/health"
-        deadline = time.monotonic() + self.start_timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise TrackingServerError(f"mlflow server exited with code {self.proc.returncode}; "
-                                          f"see {self.log_path}")
-            try:
-                with urllib.request.urlopen(health, timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.25)
-        raise TrackingServerError(f"mlflow server not healthy after {self.start_timeout:.0f} s; see {self.log_path}")
+        why_not = wait_healthy(self.proc, self.host, self.port, self.start_timeout)
+        if why_not:
+            raise TrackingServerError(f"mlflow server {why_not}; see {self.log_path}")
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None and \

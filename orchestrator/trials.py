@@ -16,6 +16,7 @@ from typing import Any
 
 from resnet_core.config import ConfigError, TrainConfig, blame, build_config, set_dotted, trial_key
 
+from .estimate import training_multiply_adds
 from .spec import SpecError, SweepSpec
 
 
@@ -28,6 +29,11 @@ class Trial:
     @property
     def label(self) -> str:
         return label_of(self.overrides)
+
+    @property
+    def members(self) -> tuple[Trial, ...]:
+        """The trials one backend job runs, as a FusedGroup's: itself."""
+        return (self,)
 
     def config_dict(self) -> dict[str, Any]:
         return self.config.model_dump(mode="json")
@@ -112,7 +118,7 @@ def expand(ctx: SweepContext, check_data: bool = True) -> list[Trial]:
     if check_data:
         check_data_exists(ctx, trials)
     check_scheduler_metric(ctx, trials)
-    return sorted(trials, key=lambda t: -estimated_work(t.config))
+    return sorted(trials, key=lambda t: -training_multiply_adds(t.config))  # longest first
 
 
 def trial_error(ctx: SweepContext, overrides: dict[str, Any], message: str) -> str:
@@ -162,12 +168,6 @@ def check_scheduler_metric(ctx: SweepContext, trials: list[Trial]) -> None:
                         "(base.data.val_split > 0); stopping on the test set would select on it")
 
 
-def estimated_work(cfg: TrainConfig) -> float:
-    """Multiply-adds of the whole training run (forward + backward ~ 3x forward): orders trials longest-first."""
-    from .estimate import training_multiply_adds
-    return training_multiply_adds(cfg)
-
-
 @dataclass(frozen=True)
 class FusedGroup:
     """Trials trained together as one horizontally fused model (resnet_core.fused): one backend job."""
@@ -205,7 +205,7 @@ def fuse(ctx: SweepContext, trials: list[Trial]) -> list[Trial | FusedGroup]:
                 raise SpecError(f"{ctx.spec_path}: {err}") from None
             units.append(FusedGroup(tuple(chunk)))
     order = {t.key: i for i, t in enumerate(trials)}
-    return sorted(units, key=lambda u: order[(u.members[0] if isinstance(u, FusedGroup) else u).key])
+    return sorted(units, key=lambda u: order[u.members[0].key])
 
 
 def resume_iteration(trial: Trial) -> int:
@@ -231,9 +231,7 @@ def gpu_memory_plan(ctx: SweepContext, units: list[Trial | FusedGroup]) -> tuple
     per_gpu = max(1, math.floor(1 / r.gpus + 1e-9)) if r.gpus < 1 else 1
     per_gpu = min(per_gpu, ctx.spec.max_concurrent or per_gpu, len(units))
     ranks = r.nodes * r.workers_per_node
-    needs = sorted((trial_gpu_memory_bytes(u.members[0].config if isinstance(u, FusedGroup) else u.config,
-                                           len(u.members) if isinstance(u, FusedGroup) else 1, ranks)
-                    for u in units), reverse=True)
+    needs = sorted((trial_gpu_memory_bytes(u.members[0].config, len(u.members), ranks) for u in units), reverse=True)
     capacity, source = gpu_memory_gb(r.gpu_memory_gb)
     return per_gpu, sum(needs[:per_gpu]), capacity, source
 

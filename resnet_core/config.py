@@ -305,10 +305,13 @@ def load_yaml(text: str):
     return yaml.load(text, Loader=UniqueKeyLoader)
 
 
-def read_yaml(path: Path, error: type[ValueError]):
-    """A YAML file's content; a syntax error is one line naming the file, line and column."""
+def read_yaml(path: Path, error: type[ValueError], what: str = "YAML file"):
+    """A YAML file's content; a missing file, a folder or a syntax error is one line naming the file (and the
+    line and column)."""
     if path.is_dir():
         raise error(f"{path}: is a folder, not a YAML file")
+    if not path.is_file():
+        raise error(f"{what} not found: {path}")
     try:
         tree = load_yaml(path.read_text())
         json.dumps(tree, default=str)  # an alias inside itself ("a: &x [*x]") loads, then breaks every copy
@@ -371,9 +374,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}" if not path.is_dir() else f"{path}: is a folder, not a YAML file")
-        tree = read_yaml(path, ConfigError) or {}
+        tree = read_yaml(path, ConfigError, "config file") or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         if {"space", "base"} & tree.keys() and "name" in tree:

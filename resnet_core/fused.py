@@ -13,7 +13,6 @@ a member resumes fused or alone, and to the rest of the system it is the same tr
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
 import json
@@ -35,7 +34,7 @@ from .data import build_loader
 from .distributed import DistEnv
 from .models import create_model
 from .schedule import LRSchedule
-from .steps import AUTOCAST_DTYPES, resolve_precision, resolve_step, sgd, warn_if_slow_precision
+from .steps import autocast, resolve_precision, resolve_step, sgd, warn_if_slow_precision
 from .tracking import Tracker
 from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, log_trial_artifacts, open_run,
                     pick_device, restore_rng, runs_settled_on_exit, stop_signals_asked, timed, trial_state)
@@ -201,9 +200,7 @@ class FusedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+        return autocast(self.precision, self.device)
 
     def set_lrs(self, lrs: tuple[float, ...]) -> None:
         if lrs != self._lrs:  # a host-to-device copy only when the schedule moves
@@ -507,8 +504,7 @@ class FusedTrainer:
         metrics = {**final, "epoch": epoch}
         if "val_error" in metrics:
             metrics["best_val_error"] = m.best_val_error
-            self.log(m, {"best_val_error": m.best_val_error})
-        self.log(m, {k: v for k, v in metrics.items() if k != "best_val_error"})  # not reported: see Trainer.finish
+        self.log(m, metrics)  # to MLflow only: the backend reports the returned result (see Trainer.finish)
         if m.tracker:
             log_trial_artifacts(m.tracker, m.cfg, self.model.member_state_dict(m.index),
                                 self.train_loaders[0].num_classes)

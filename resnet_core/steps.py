@@ -22,6 +22,13 @@ from .distributed import DistEnv
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def autocast(precision: str, device: torch.device):
+    """bf16/fp16 autocast on the device's type; none for fp32."""
+    if precision not in AUTOCAST_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPES[precision])
+
+
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return ("bf16" if device.type == "cuda" else "fp32") if cfg.precision == "auto" else cfg.precision
 
@@ -73,10 +80,8 @@ class EagerStep:
             net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.net = torch.compile(net) if compile else net
 
-    def autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
+    def autocast(self):  # DeepSpeedStep: evaluation only (its training casts the batch into the engine's dtype)
+        return autocast(self.precision, self.device)
 
     def forward_backward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -214,12 +219,6 @@ class DeepSpeedStep(EagerStep):
         unlink_shm_allreduce_buffer(env)
         if self.precision in AUTOCAST_DTYPES:
             half_batch_norm_statistics(self.engine.module, AUTOCAST_DTYPES[self.precision])
-
-    def autocast(self):
-        """Evaluation only (training casts its batch itself): fp32 images into the engine's bf16/fp16 weights."""
-        if self.precision not in AUTOCAST_DTYPES:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES[self.precision])
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         for group in self.optimizer.param_groups:

@@ -65,19 +65,22 @@ def tracking_uri(configured: str | None) -> str:
     return check_tracking_uri(configured or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI)
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an sqlite store's URI (relative or absolute); None for other stores."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
 def absolute_uri(uri: str) -> str:
     """Trials run in other processes, folders and nodes: a relative sqlite path must not change meaning."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
-    return uri
+    path = sqlite_path(uri)
+    return f"sqlite:///{path.resolve()}" if path and not path.is_absolute() else uri
 
 
 def check_store_usable(uri: str, probe_server: bool = True) -> None:
     """One line for a store MLflow would meet with a long traceback (a folder or a non-database as the sqlite
     file, the retired file store) or with minutes of retries (no server at an http address)."""
-    if uri.startswith("sqlite:///"):
-        path = Path(uri.removeprefix("sqlite:///"))
+    path = sqlite_path(uri)
+    if path:
         if path.is_dir():
             raise ConfigError(f"tracking URI {uri}: {path} is a folder; name the database file in it, "
                               f"e.g. sqlite:///{path / 'mlruns.db'}")
@@ -131,9 +134,10 @@ def artifact_location(uri: str) -> str | None:
     """Beside an sqlite store, ``<store>-artifacts/``: MLflow's default is ``./mlruns`` of whatever folder the
     experiment was created from, so moving or copying the store lost the weights and every test run left its
     artifacts in the working directory. None (the server's or MLflow's choice) for other stores."""
-    if not uri.startswith("sqlite:///"):
+    path = sqlite_path(uri)
+    if path is None:
         return None
-    db = Path(uri.removeprefix("sqlite:///")).resolve()
+    db = path.resolve()
     return str(db.parent / f"{db.stem}-artifacts")
 
 

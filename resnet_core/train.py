@@ -295,7 +295,7 @@ def stop_signals_asked(request_stop: Callable[[], None]) -> Iterator[None]:
     """SIGTERM/SIGUSR1 (SLURM, submitit) and Ctrl-C ask for a checkpoint and a clean stop at the next step
     boundary; a second Ctrl-C stops at once, without one. The previous handlers come back on exit."""
     if threading.current_thread() is not threading.main_thread():
-        yield  # e.g. inside a Ray Tune trial thread: Ray stops trials its own way
+        yield  # e.g. in a Ray Tune trial's thread, where no signal arrives: the backend sets ``stop``
         return
     asked = []
 

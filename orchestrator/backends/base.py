@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any, Protocol
 
-from ..trials import REPORTED_METRICS, SweepContext, Trial
+from ..trials import REPORTED_METRICS, FusedGroup, SweepContext, Trial
 
 STOP_GRACE_S = 60  # after a sweep's Ctrl-C, how long the running trials may take to checkpoint (as SLURM's warning)
 
@@ -22,12 +22,14 @@ class Events(Protocol):
 
 
 class Backend(Protocol):
+    """Optionally also ``start()`` (bring the engine up early, overlapping the store's creation) and ``stop()``
+    (take down what start() brought up): the sweep calls them when the backend has them (Ray)."""
     name: str
 
     def __init__(self, ctx: SweepContext): ...
 
-    def describe(self, trial: Trial) -> str:
-        """The exact command (or batch script) the backend would launch for this trial."""
+    def describe(self, trial: Trial | FusedGroup) -> str:
+        """The exact command (or batch script) the backend would launch for this trial or fused group."""
 
     def run(self, trials: list[Trial], events: Events) -> None:
         """Run the trials to completion (or early stop), reporting each state change."""

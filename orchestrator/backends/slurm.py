@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..ledger import Ledger
+from ..mps import last_line
 from ..spec import SpecError
 from ..trials import FusedGroup, SweepContext, Trial, fuse
 from .base import STOP_GRACE_S, Events, ReportTail, metric_placeholders
@@ -226,7 +227,7 @@ class SlurmBackend:
         executor = self.executor(self.parameters(None, len(units)) if len(units) > 1 else self.parameters(units[0]))
         jobs = self.submit(executor, payloads)
         watch = {t.key: (job, ReportTail(self.report_file(t.key))) for u, job in zip(units, jobs)
-                 for t in (u.members if isinstance(u, FusedGroup) else (u,))}
+                 for t in u.members}
         try:
             self.monitor(watch, events)
         except BaseException:
@@ -510,7 +511,7 @@ def final_state(job, timeout: float = 60.0) -> tuple[str, int | None]:
         run = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job.job_id, "-o", "State,ExitCode"],
                              capture_output=True, text=True, timeout=60)
         if run.returncode != 0:  # "Slurm accounting storage is disabled": no later call answers either
-            said = (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+            said = last_line(run.stderr, run.returncode)
             return stderr_end(job.stderr() or "", f"left the queue, its end unknown: sacct: {said}")
         out = run.stdout.splitlines()
         state, _, code = (out[-1] if out else "").partition("|")
@@ -538,7 +539,7 @@ def stderr_end(text: str, unknown: str) -> tuple[str, int | None]:
 def sacct_error() -> str | None:
     """None when sacct answers; else what it says instead (a cluster without accounting, on every call)."""
     run = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True, text=True, timeout=60)
-    return None if run.returncode == 0 else (run.stderr.strip().splitlines() or [f"exit {run.returncode}"])[-1]
+    return None if run.returncode == 0 else last_line(run.stderr, run.returncode)
 
 
 def error_line(text: str, default: str) -> str:
@@ -559,7 +560,7 @@ def check_slurm_answers() -> None:
     except FileNotFoundError:
         raise SpecError("backend slurm: sinfo is not on PATH (not a SLURM login node?); try --backend ray") from None
     if out.returncode != 0:
-        said = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+        said = last_line(out.stderr, out.returncode)
         raise SpecError(f"backend slurm: SLURM does not answer ({said}); on the local test cluster run "
                         "'eval \"$(cluster/local-slurm/up)\"' first: it exports SLURM_CONF")
 

@@ -2,8 +2,8 @@
 
 One task per process (nodes x workers_per_node): each task maps SLURM's variables to RANK/WORLD_SIZE/LOCAL_RANK,
 sets MASTER_ADDR/MASTER_PORT for the c10d TCP store rendezvous, tags the MLflow run with the job id and calls
-``train()`` in its main thread. Imports nothing of Ray and nothing of the rest of the orchestrator, so a compute
-node only needs resnet_core, submitit and this file.
+``train()`` in its main thread. Imports nothing of Ray and no torch until train() runs; the compute nodes run the
+project's own environment (the orchestrator package, its spec and config models come with this module).
 
 Preemption (two paths, one mechanism: the worker's own checkpoint, then the same trial runs again):
 - SIGTERM (``scontrol requeue``, a partition-priority preemption with PreemptMode=REQUEUE, ``scancel``): train()'s

@@ -21,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from orchestrator.cli import UserError
-    from orchestrator.runs import check_store, sweep_names
+    from orchestrator.runs import check_store, sweep_names, trial_runs
     from resnet_core.tracking import absolute_uri, tracking_uri
 
     uri = absolute_uri(tracking_uri(args.tracking_uri))
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
                        "not started"):
             table.add_column(column)
         for exp in client.search_experiments():
-            runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=50000)
+            runs = trial_runs(client, exp.experiment_id)
             if runs or exp.tags.get("planned_trials"):
                 states = [trial_state(r) for r in runs]
                 table.add_row(exp.name, str(len(runs)), str(states.count("FINISHED")),
@@ -46,8 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if exp is None:
         names = ", ".join(sweep_names(client))
         raise UserError(f"no sweep named {args.sweep!r} in {uri}; sweeps there: {names or 'none'}")
-    runs = client.search_runs([exp.experiment_id], "tags.kind = 'trial'", max_results=50000,
-                              order_by=["metrics.test_error ASC"])
+    runs = trial_runs(client, exp.experiment_id, order_by=["metrics.test_error ASC"])
     # val_error: the final weights' error, what `ensemble --top K` ranks by; best_val_error: the best evaluation on
     # the way (an ASHA-stopped trial's only fair figure)
     table = Table(title=f"sweep {args.sweep} ({len(runs)} trials)",

@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: must be in 1..65535")
-    from orchestrator.tracking_server import cannot_listen, stop_process
+    from orchestrator.tracking_server import cannot_listen, local_host, stop_process, wait_healthy
     problem = cannot_listen(args.host, args.port)
     if problem:
         raise UserError(problem)
@@ -44,8 +44,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
-        wait_healthy(proc, browse_host(args.host), args.port)
-        print_urls(f"http://{browse_host(args.host)}:{args.port}", experiments)
+        why_not = wait_healthy(proc, args.host, args.port, START_TIMEOUT_S)
+        if why_not:
+            raise UserError(f"mlflow server {why_not} (see its output above)")
+        print_urls(f"http://{local_host(args.host)}:{args.port}", experiments)
         print("serving until Ctrl-C", flush=True)
         proc.wait()
         raise UserError(f"mlflow server exited with code {proc.returncode}")
@@ -61,11 +63,6 @@ def experiments_to_show(client, sweep: str | None) -> list:
     if sweep is not None:
         return [sweep_experiment(client, sweep)]
     return [client.get_experiment_by_name(name) for name in sweep_names(client)]
-
-
-def browse_host(host: str) -> str:
-    """Where a browser on this machine reaches a server bound to ``host``."""
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
 def experiment_url(base: str, experiment_id: str) -> str:
@@ -90,22 +87,3 @@ def start_server(uri: str, host: str, port: int):
                "--host", host, "--port", str(port), "--workers", "1"]
     # Its own session: Ctrl-C reaches us once, and we stop the server's whole group by its id.
     return subprocess.Popen(command, env={**os.environ, **SERVER_ENV}, start_new_session=True)
-
-
-def wait_healthy(proc, host: str, port: int) -> None:
-    import time
-    import urllib.error
-    import urllib.request
-    from orchestrator.cli import UserError
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise UserError(f"mlflow server exited with code {proc.returncode} before answering (see its output)")
-        try:
-            with urllib.request.urlopen(f"http://{host}:{port}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.25)
-    raise UserError(f"mlflow server did not answer on {host}:{port} within {START_TIMEOUT_S:.0f} s")

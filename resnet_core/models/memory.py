@@ -15,9 +15,9 @@ from torch import nn
 PARAM_COPIES = 3  # weights, gradients, SGD momentum
 
 
-def saved_activation_bytes(model: nn.Module, batch_size: int, input_size: int | None = None,
-                           dtype: torch.dtype = torch.float32) -> tuple[int, int]:
-    """(bytes of the tensors one training forward saves for backward, bytes of the largest) at ``dtype``."""
+def saved_activation_bytes(model: nn.Module, batch_size: int, input_size: int | None = None) -> tuple[int, int]:
+    """(bytes of the tensors one training forward saves for backward, bytes of the largest), at fp32: an upper
+    bound for bf16 and fp16."""
     size = input_size or getattr(model, "input_size", 224)
     on_meta = next(model.parameters()).is_meta
     meta_model = model if on_meta else copy.deepcopy(model).to("meta")
@@ -32,7 +32,7 @@ def saved_activation_bytes(model: nn.Module, batch_size: int, input_size: int | 
             return tensor
         seen.add(id(tensor))
         kept.append(tensor)
-        nbytes = tensor.numel() * (dtype.itemsize if tensor.is_floating_point() else tensor.element_size())
+        nbytes = tensor.numel() * tensor.element_size()
         total += nbytes
         largest = max(largest, nbytes)
         return tensor
@@ -47,9 +47,8 @@ def saved_activation_bytes(model: nn.Module, batch_size: int, input_size: int | 
     return total, largest
 
 
-def training_memory_bytes(model: nn.Module, batch_size: int, input_size: int | None = None,
-                          dtype: torch.dtype = torch.float32) -> int:
+def training_memory_bytes(model: nn.Module, batch_size: int, input_size: int | None = None) -> int:
     """Peak bytes a training step of this model needs on its device (CUDA context not included)."""
     params = sum(p.numel() for p in model.parameters()) * 4 * PARAM_COPIES
-    saved, largest = saved_activation_bytes(model, batch_size, input_size, dtype)
+    saved, largest = saved_activation_bytes(model, batch_size, input_size)
     return params + saved + 2 * largest
