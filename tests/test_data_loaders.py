@@ -56,6 +56,17 @@ def test_three_loaders_agree_exactly_on_cifar_arrays(split):
         assert np.array_equal(unnormalise(results["gpu"][0]), source) and np.array_equal(results["gpu"][1], labels)
 
 
+def test_a_cifar_sized_image_other_than_32_px_is_cropped_to_its_own_size():
+    """DALI cropped every CIFAR-sized image to 32 px (a 48 px dataset trained on 32 px crops, tested on 48)."""
+    cfg = DataConfig(path="synthetic", synthetic=SyntheticConfig(image_size=48, train_size=32, test_size=16),
+                     num_workers=0)
+    results = {name: stacked(batches(cfg, name, "train", 16, epoch=1, seed=3)) for name in LOADERS}
+    assert results["gpu"][0].shape == (32, 3, 48, 48)
+    for name in ("dali", "torch"):
+        assert torch.equal(results[name][1], results["gpu"][1])
+        assert torch.allclose(results[name][0], results["gpu"][0], atol=1e-5), name
+
+
 def test_train_augmentation_is_pad4_crop_and_flip():
     cfg = DataConfig(path="synthetic", synthetic=SMALL, num_workers=0)
     loader = build_loader(cfg, "train", 96, seed=1)
@@ -157,13 +168,15 @@ def test_imagenet_sized_images_get_224_crops(loader):
     assert (test[0][0] - reference[0][0]).abs().mean() < 0.05  # resize 256 + centre 224: interpolation only
 
 
-def test_corrupt_file_inside_dali_and_torch_loaders_is_named(jpeg_folder, tmp_path):
-    bad = jpeg_folder / "test" / "cat" / "0001.jpg"
+@pytest.mark.parametrize("split, name", [("test", "cat/0001.jpg"), ("test", "airplane/0000.jpg")])
+def test_corrupt_file_inside_dali_and_torch_loaders_is_named(jpeg_folder, tmp_path, split, name):
+    """Also in DALI's first batch, which its iterator runs when it is made (a 51-line traceback, no file named)."""
+    bad = jpeg_folder / split / name
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
     for loader in ("dali", "torch"):
         cfg = DataConfig(path=str(jpeg_folder), loader=loader, cache_dir=str(tmp_path / "cache"), num_workers=1)
         with pytest.raises(DataError, match="corrupt or unreadable image") as err:
-            list(build_loader(cfg, "test", 4))
+            list(build_loader(cfg, split, 4))
         assert str(err.value).startswith(f"{bad}: ") and "\n" not in str(err.value)  # not the worker's type name
 
 

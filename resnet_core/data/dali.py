@@ -74,8 +74,11 @@ class DaliLoader(Loader):
         with warnings.catch_warnings():  # DALI warns about `size` without a reader; our plan sets it exactly
             warnings.simplefilter("ignore")
             kwargs = dict(reader_name="Reader") if self.images is None else dict(size=len(plan.indices))
-            batches = dali_torch.DALIGenericIterator(
-                [pipe], ["images", "labels"], last_batch_policy=dali_torch.LastBatchPolicy.PARTIAL, **kwargs)
+            try:  # the iterator runs the first batch already: a broken file among its images fails here
+                batches = dali_torch.DALIGenericIterator(
+                    [pipe], ["images", "labels"], last_batch_policy=dali_torch.LastBatchPolicy.PARTIAL, **kwargs)
+            except RuntimeError as err:
+                raise self._explain(err, plan, 0) from None
         for number in range(len(plan)):
             try:
                 out = next(batches)[0]
@@ -120,7 +123,8 @@ class DaliLoader(Loader):
         mean, std = normalisation(self.cifar_sized)
         crop = None
         if plan.crop_x is not None:  # zero padding happens on uint8, as torchvision pads before ToTensor
-            images = fn.slice(images, window[0:2], np.array([32.0, 32.0], np.float32),
+            height, width = fn.cast(shape[0], dtype=types.FLOAT), fn.cast(shape[1], dtype=types.FLOAT)
+            images = fn.slice(images, window[0:2], fn.stack(width, height),  # a crop of the image's own size
                               axis_names="WH", normalized_anchor=False, normalized_shape=False,
                               out_of_bounds_policy="pad", fill_values=0)
         elif plan.rrc is not None:
