@@ -172,6 +172,18 @@ def test_empty_class_folder_is_named(png_folder, tmp_path):
     assert str(png_folder / "train" / "zebra") in str(err.value)
 
 
+def test_one_small_image_leaves_a_folder_imagenet_sized(tmp_path):
+    """The first file alone decided: a 40 px first image made a 96 px folder CIFAR-sized (a traceback in torch's
+    collate, uncropped images of every size)."""
+    from PIL import Image
+    root = write_image_folder(tmp_path / "inet", {"train": 4, "test": 2}, suffix=".jpg", size=96)
+    Image.new("RGB", (40, 30)).save(root / "train" / "airplane" / "0000.jpg")
+    cfg = cfg_for(root, tmp_path, loader="torch", num_workers=0)
+    assert not open_dataset(cfg).cifar_sized
+    images, labels = next(iter(build_loader(cfg, "train", 4)))
+    assert images.shape == (4, 3, 224, 224) and labels.shape == (4,)
+
+
 def test_corrupt_jpeg_is_reported_with_its_path(jpeg_folder, tmp_path):
     bad = jpeg_folder / "train" / "dog" / "0003.jpg"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated mid-scan

@@ -293,7 +293,7 @@ def read_image_folder(root: Path, cache_root: Path) -> Dataset:
         raise DataError(f"{test_dir}: its class folders differ from {root / 'train'}'s")
     splits = {"train": _list_files(root / "train", class_names), "test": _list_files(test_dir, class_names)}
     return Dataset(root=str(root), kind="imagefolder", class_names=class_names,
-                   cifar_sized=_is_cifar_sized(splits["train"].files[0]), splits=splits, cache_root=cache_root)
+                   cifar_sized=_is_cifar_sized(splits["train"].files), splits=splits, cache_root=cache_root)
 
 
 def _class_names(split_dir: Path) -> list[str]:
@@ -314,13 +314,23 @@ def _list_files(split_dir: Path, class_names: list[str]) -> SourceSplit:
     return SourceSplit(labels=np.asarray(labels, np.int64), files=files)
 
 
-def _is_cifar_sized(first_file: str) -> bool:
+SIZE_SAMPLE = 32  # images whose headers decide whether a folder is CIFAR-sized
+
+
+def _is_cifar_sized(files: list[str]) -> bool:
+    """Whether most of a sample across the classes are CIFAR-sized: ImageNet has some small images, and the first
+    file alone made a whole ImageNet-sized folder CIFAR-sized (uncropped images of every size, then a traceback).
+    A CIFAR-sized folder with an odd image is an error naming it when the folder is decoded."""
     from PIL import Image
-    try:
-        with Image.open(first_file) as img:  # reads the header only
-            return max(img.size) <= CIFAR_SIZED_MAX
-    except OSError as err:
-        raise DataError(f"{first_file}: corrupt or unreadable image ({err})") from None
+    sample = files[::max(1, len(files) // SIZE_SAMPLE)][:SIZE_SAMPLE]
+    small = 0
+    for file in sample:
+        try:
+            with Image.open(file) as img:  # reads the header only
+                small += max(img.size) <= CIFAR_SIZED_MAX
+        except OSError as err:
+            raise DataError(f"{file}: corrupt or unreadable image ({err})") from None
+    return 2 * small > len(sample)
 
 
 def decode_image(file: str) -> np.ndarray:
