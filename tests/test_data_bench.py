@@ -52,3 +52,14 @@ def test_bench_loader_bad_input_is_exit_code_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["bench-loader", "--loader", "tpu"])
     assert exit_info.value.code == 2 and "invalid choice: 'tpu'" in capsys.readouterr().err
+
+
+def test_compare_on_an_imagenet_sized_folder_skips_the_gpu_loader_and_measures_the_others(capsys, tmp_path):
+    """The gpu loader's "not held as one array" ended the whole comparison with one line and no table."""
+    from test_data_helpers import write_image_folder
+    root = write_image_folder(tmp_path / "inet", {"train": 4, "test": 2}, suffix=".jpg", size=96)
+    assert main(["bench-loader", "--compare", "--data", str(root), "--batch-size", "4", "--batches", "2",
+                 "--workers", "1", "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "skipped" in out and "CIFAR-sized" in out and "1.00" in out  # torch measured, its own ratio
+    assert out.count("failed") == 0 and "│ dali" in out

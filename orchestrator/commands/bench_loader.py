@@ -43,13 +43,17 @@ def run(args: argparse.Namespace) -> int:
     return 1 if any("failed" in r for r in rows) else 0
 
 
+def data_config(args: argparse.Namespace, loader_name: str):
+    from resnet_core.data import DataConfig, SyntheticConfig
+    return DataConfig(path=args.data, loader=loader_name, num_workers=args.workers, cache_dir=args.cache_dir,
+                      synthetic=SyntheticConfig(train_size=args.synthetic_size, test_size=10_000))
+
+
 def measure(args: argparse.Namespace, loader_name: str) -> dict:
     import torch
-    from resnet_core.data import DataConfig, SyntheticConfig, build_loader
-    cfg = DataConfig(path=args.data, loader=loader_name, num_workers=args.workers, cache_dir=args.cache_dir,
-                     synthetic=SyntheticConfig(train_size=args.synthetic_size, test_size=10_000))
+    from resnet_core.data import build_loader
     started = time.perf_counter()
-    loader = build_loader(cfg, args.split, args.batch_size, device=args.device)
+    loader = build_loader(data_config(args, loader_name), args.split, args.batch_size, device=args.device)
     batches = _endless(loader)
     next(batches)
     _sync(torch, args.device)
@@ -82,7 +86,11 @@ def _sync(torch, device: str) -> None:
 def _measure_or_skip(args: argparse.Namespace, name: str) -> dict:
     from orchestrator.cli import UserError
     from resnet_core.data import DataError
+    from resnet_core.data.formats import CIFAR_SIZED_MAX, open_dataset
     try:
+        if name == "gpu" and not open_dataset(data_config(args, name)).cifar_sized:
+            return dict(loader=name, skipped=f"it holds CIFAR-sized images (<= {CIFAR_SIZED_MAX} px) on the device; "
+                                             "these are larger")
         return measure(args, name)
     except ImportError as err:  # an optional loader missing on this machine is a row, not a crash
         return dict(loader=name, skipped=str(err))

@@ -60,8 +60,8 @@ class Dataset:
         split = self.splits[source]
         if split.images is None:
             if not self.cifar_sized:
-                raise DataError(f"{self.root}: images larger than {CIFAR_SIZED_MAX} px are not held as one array; "
-                                 "use loader 'dali' or 'torch' for ImageNet-sized folders")
+                raise DataError(f"{self.root}: images larger than {CIFAR_SIZED_MAX} px are not held as one array "
+                                 "(data.loader gpu holds CIFAR-sized data); set data.loader to dali or torch")
             split.images = _decoded_cache(split.files, self.cache_root, self.root, source)
         return split.images
 
