@@ -89,8 +89,7 @@ def _measure_or_skip(args: argparse.Namespace, name: str) -> dict:
     from resnet_core.data.formats import CIFAR_SIZED_MAX, open_dataset
     try:
         if name == "gpu" and not open_dataset(data_config(args, name)).cifar_sized:
-            return dict(loader=name, skipped=f"it holds CIFAR-sized images (<= {CIFAR_SIZED_MAX} px) on the device; "
-                                             "these are larger")
+            return dict(loader=name, skipped=f"holds only CIFAR-sized images (<= {CIFAR_SIZED_MAX} px)")
         return measure(args, name)
     except ImportError as err:  # an optional loader missing on this machine is a row, not a crash
         return dict(loader=name, skipped=str(err))
