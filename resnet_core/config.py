@@ -193,7 +193,10 @@ class TrainConfig(Section):
         try:
             meta_model(self.model)
         except ValueError as err:
-            key = next((f"model.{k}" for k in ("depth", "shortcut", "unit", "plain") if k in str(err)), "model")
+            options = ("depth", "shortcut", "unit", "plain", "bottleneck", "zero_init_residual")
+            if str(err).split(": ", 1)[0] in options:  # create_model named the option it has not
+                raise ValueError(f"model.{err}") from None
+            key = next((f"model.{k}" for k in options if k in str(err)), "model")
             raise ValueError(f"{key}: {err}") from None
         return self
 
@@ -391,7 +394,7 @@ def blame(source: str | Path, sets: list[str] | tuple[str, ...], message: str, k
     """``message`` ("key: what is wrong") prefixed with the --set that wrote ``key`` (default: the message's),
     else with ``source`` (the YAML file): a typo on the command line must not send the user into the file."""
     key = key or message.split(": ", 1)[0]
-    for text in sets:
+    for text in reversed(sets):  # the last --set of a key is the one that counts
         written = text.split("=", 1)[0].strip()
         if key == written or key.startswith(written + "."):
             return f"--set {text}: {message}"

@@ -90,7 +90,7 @@ def test_unknown_names_and_options_are_errors_that_list_the_choices():
         create_model("resnet20", shortcut="D")
     with pytest.raises(ValueError, match="unknown unit"):
         create_model("resnet20", unit="post")
-    with pytest.raises(ValueError, match="resnet20.*widht"):
+    with pytest.raises(ValueError, match="widht: model 'resnet20' has no such option"):
         create_model("resnet20", widht=3)
     with pytest.raises(ValueError, match="plain net has no shortcuts"):
         create_model("plain20", shortcut="B")

@@ -399,6 +399,21 @@ def test_a_bad_key_is_blamed_on_the_set_or_the_file_that_wrote_it(tmp_path):
     assert said.startswith(f"orchestrate train: error: {cfg_path}: modle: unknown key"), said
 
 
+@pytest.mark.parametrize("sets, said", [
+    # the last --set of a key wins, so it is the one to blame (the first, a valid one, was named)
+    (["optim.lr=0.1", "optim.lr=-1"], "--set optim.lr=-1: optim.lr: Input should be greater than 0"),
+    # was "config: model: model 'resnet18': imagenet_resnet() got an unexpected keyword argument 'bottleneck'"
+    (["model.name=resnet18", "model.bottleneck=true"],
+     "--set model.bottleneck=true: model.bottleneck: model 'resnet18' has no such option"),
+    (["model.name=resnet18", "model.unit=full_preact"],
+     "--set model.unit=full_preact: model.unit: model 'resnet18' has no such option"),
+])
+def test_a_bad_set_is_named_with_its_key(capsys, sets, said):
+    from orchestrator.cli import main as orchestrate
+    assert orchestrate(["train", "--print-config", "--set", *sets]) == 2
+    assert capsys.readouterr().err.strip() == f"orchestrate train: error: {said}"
+
+
 @pytest.mark.parametrize("override", ["model.depth=21", "data.path=/nope"])
 def test_the_worker_entry_point_says_bad_input_in_one_line_too(tmp_path, override):
     """`python -m resnet_core.train` is what torchrun and SLURM start; users run it too."""

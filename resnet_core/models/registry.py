@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import fnmatch
+import re
 from typing import Callable
 
 from torch import nn
@@ -34,5 +35,7 @@ def create_model(name: str, **overrides) -> nn.Module:
         raise ValueError(f"unknown model {name!r}; valid: {', '.join(list_models())}")
     try:
         return _BUILDERS[name](**overrides)
-    except TypeError as err:  # an unknown keyword: say which model refused it
-        raise ValueError(f"model {name!r}: {err}") from None
+    except TypeError as err:  # an unknown keyword: the option (a sweep's model.<option>), not the builder's name
+        unknown = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        raise ValueError(f"{unknown.group(1)}: model {name!r} has no such option" if unknown
+                         else f"model {name!r}: {err}") from None
