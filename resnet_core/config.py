@@ -54,7 +54,9 @@ class WarmupConfig(Section):
     kind: Literal["none", "constant", "linear"] = "none"
     lr: float = Field(0.01, gt=0, description="constant warm-up lr; linear warm-up starts here")
     length: int = Field(0, ge=0, description="warm-up length in schedule units (0: only until_train_error ends it)")
-    until_train_error: float | None = Field(None, gt=0, le=1, description="end warm-up once train error < this")
+    until_train_error: float | None = Field(None, gt=0, le=1, description=(
+        "end warm-up once train error < this, judged at each logging step (tracking.log_every) on the train error "
+        "since the previous one"))
 
     @model_validator(mode="after")
     def _has_an_end(self) -> "WarmupConfig":
@@ -219,7 +221,12 @@ NON_RESULT_FIELDS = {"checkpoint": True, "tracking": True, "eval": {"batch_size"
 
 
 def trial_key(cfg: TrainConfig) -> str:
-    payload = cfg.model_dump(mode="json", exclude=NON_RESULT_FIELDS)
+    exclude = NON_RESULT_FIELDS
+    if cfg.schedule.warmup.until_train_error is not None:
+        # that warm-up ends at a logging step, on the train error of the window just logged: there, log_every
+        # changes the result (10 instead of 2 kept a tiny run at the warm-up lr to its end)
+        exclude = {**NON_RESULT_FIELDS, "tracking": set(TrackingConfig.model_fields) - {"log_every"}}
+    payload = cfg.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -55,3 +55,16 @@ def test_a_schedule_partly_past_the_runs_end_is_warned_of():
         "too)",
         "schedule.warmup.length 400 >= schedule.total 200: the whole run warms up, never at optim.lr 0.1 (set "
         "schedule.warmup.length too)"]
+
+
+def test_log_every_is_part_of_a_trial_only_when_a_warm_up_ends_on_the_train_error():
+    """That warm-up is judged at each logging step: log_every 2 and 10 trained differently under one trial key,
+    so a re-run with another log_every skipped or resumed a trial that computes something else."""
+    from resnet_core.config import build_config, trial_key
+
+    def key(log_every: int, **warmup) -> str:
+        return trial_key(build_config({"schedule": {"warmup": warmup}, "tracking": {"log_every": log_every}}))
+
+    assert key(2, kind="constant", until_train_error=0.8) != key(10, kind="constant", until_train_error=0.8)
+    assert key(2) == key(10)
+    assert key(2, kind="constant", length=5) == key(10, kind="constant", length=5)
