@@ -12,7 +12,7 @@ import json
 import re
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,7 +37,8 @@ class ModelConfig(Section):
     depth: int | None = Field(None, description="CIFAR: 6n+2 (9n+2 with bottleneck); ImageNet: 18/34/50/101/152")
     shortcut: Literal["A", "B", "C"] | None = Field(None, description="paper Sec. 3.3 options")
     plain: bool | None = Field(None, description="no shortcuts: the paper's plain twin")
-    unit: Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact"] | None = None
+    unit: Literal["original", "bn_after_add", "relu_before_add", "relu_only_preact", "full_preact"] | None = Field(
+        None, description="CIFAR family only: the residual unit (He et al. 2016b, Fig. 4); preact_* names: full_preact")
     bottleneck: bool | None = Field(None, description="CIFAR family only: 1x1-3x3-1x1 units (9n+2 depths)")
     zero_init_residual: bool = Field(False, description="off in the paper")
 
@@ -51,7 +52,8 @@ class ModelConfig(Section):
 
 class WarmupConfig(Section):
     """ResNet-110 (Sec. 4.2): lr 0.01 until training error < 80%, then the schedule's lr."""
-    kind: Literal["none", "constant", "linear"] = "none"
+    kind: Literal["none", "constant", "linear"] = Field("none", description=(
+        "constant: warmup.lr, then the schedule; linear: from warmup.lr up to optim.lr over length"))
     lr: float = Field(0.01, gt=0, description="constant warm-up lr; linear warm-up starts here")
     length: int = Field(0, ge=0, description="warm-up length in schedule units (0: only until_train_error ends it)")
     until_train_error: float | None = Field(None, gt=0, le=1, description=(
@@ -71,11 +73,13 @@ class WarmupConfig(Section):
 
 
 class ScheduleConfig(Section):
-    unit: Literal["iterations", "epochs"] = "iterations"
+    unit: Literal["iterations", "epochs"] = Field("iterations", description=(
+        "what total, milestones and warm-up length count"))
     total: int = Field(64000, ge=1, description="training length in `unit`")
-    kind: Literal["step", "cosine", "constant"] = "step"
-    milestones: tuple[int, ...] = Field((32000, 48000), description="step schedule: lr *= gamma at these")
-    gamma: float = Field(0.1, gt=0, allow_inf_nan=False)
+    kind: Literal["step", "cosine", "constant"] = Field("step", description=(
+        "step: lr x gamma at each milestone (the paper); cosine: down to 0 at total; constant: optim.lr throughout"))
+    milestones: tuple[int, ...] = Field((32000, 48000), description="step schedule: lr *= gamma at these (counted in unit)")
+    gamma: float = Field(0.1, gt=0, allow_inf_nan=False, description="step schedule: the lr factor at each milestone")
     warmup: WarmupConfig = WarmupConfig()
 
     @field_validator("milestones")
@@ -88,9 +92,9 @@ class ScheduleConfig(Section):
 
 class OptimConfig(Section):
     lr: float = Field(0.1, gt=0, allow_inf_nan=False, description="peak lr for the global batch")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0)
-    nesterov: bool = False
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (paper: 0.9)")
+    weight_decay: float = Field(1e-4, ge=0, description="L2 on every weight, as torch.optim.SGD (paper: 1e-4)")
+    nesterov: bool = Field(False, description="Nesterov momentum (the paper: off)")
     grad_clip: float | None = Field(None, gt=0, description="clip the global grad norm (DeepSpeed: gradient_clipping)")
 
 
@@ -118,10 +122,10 @@ class CheckpointConfig(Section):
 
 
 class TrackingConfig(Section):
-    enabled: bool = True
+    enabled: bool = Field(True, description="false: no MLflow run is opened, nothing is logged")
     uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db")
-    experiment: str = "default"
-    run_name: str | None = None
+    experiment: str = Field("default", description="MLflow experiment (a sweep: its name)")
+    run_name: str | None = Field(None, description="MLflow run name (default: the model and the trial key)")
     log_every: int = Field(100, ge=1, description="iterations between train loss/error points")
     tags: dict[str, str] = Field(default_factory=dict, description="extra run tags (sweep name, trial id, ...)")
 
@@ -163,7 +167,7 @@ def check_tracking_uri(uri: str) -> str:
 
 class EvalConfig(Section):
     every_epochs: int = Field(1, ge=1, description="val/test error every N epochs (and at the end)")
-    batch_size: int = Field(1000, ge=1)
+    batch_size: int = Field(1000, ge=1, description="evaluation batch per rank (no effect on the result)")
 
 
 GRAPH_STEPS = ("graph", "compile_graph")  # the step modes that capture the whole step in one CUDA graph
@@ -172,12 +176,12 @@ GRAPH_STEPS = ("graph", "compile_graph")  # the step modes that capture the whol
 class TrainConfig(Section):
     seed: int = Field(0, ge=0, description="seeds the weights and the data order (numpy wants it >= 0)")
     batch_size: int = Field(128, ge=1, description="global batch; each of W ranks takes batch_size / W")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when a GPU is visible")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on CUDA, fp32 on CPU")
     step: Literal["auto", "eager", "compile", "graph", "compile_graph"] = Field(
         "auto", description="auto: graph on one CUDA GPU, else eager; compile_graph: torch.compile'd model, whole "
                             "step in one CUDA graph (fewer, fused kernels; compiles for minutes on deep nets)")
-    channels_last: bool = True
+    channels_last: bool = Field(True, description="NHWC memory format on CUDA (faster convolutions with bf16)")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -417,5 +421,14 @@ def field_docs(model: type[BaseModel] = TrainConfig, prefix: str = "") -> list[t
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows += field_docs(annotation, key + ".")
         else:
-            rows.append((key, repr(info.get_default(call_default_factory=True)), info.description or ""))
+            choices = [c for c in _literal_choices(annotation) if c is not None]
+            text = "; ".join(filter(None, [info.description, choices and f"one of: {', '.join(map(str, choices))}"]))
+            rows.append((key, repr(info.get_default(call_default_factory=True)), text))
     return rows
+
+
+def _literal_choices(annotation) -> tuple:
+    """The values of a Literal[...] annotation (also inside Optional), else ()."""
+    if get_origin(annotation) is Literal:
+        return get_args(annotation)
+    return tuple(c for arg in get_args(annotation) if get_origin(arg) is Literal for c in get_args(arg))

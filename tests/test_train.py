@@ -697,6 +697,12 @@ def test_train_keys_lists_every_config_key_with_its_default(capsys):
     out = capsys.readouterr().out
     for key in ("optim.lr", "schedule.warmup.until_train_error", "data.val_split", "dist.zero_stage"):
         assert key in out, key
+    # every key says what it means, and a key of a few values lists them (schedule.kind said nothing of cosine)
+    from resnet_core.config import field_docs
+    assert [key for key, _, meaning in field_docs() if not meaning] == []
+    meanings = {key: meaning for key, _, meaning in field_docs()}
+    assert meanings["schedule.kind"].endswith("one of: step, cosine, constant")
+    assert meanings["model.shortcut"].endswith("one of: A, B, C")  # Optional[Literal]: None is not offered
 
 
 def test_train_takes_tracking_uri_like_every_command(capsys):
