@@ -37,7 +37,8 @@ from .schedule import LRSchedule
 from .steps import autocast, resolve_precision, resolve_step, sgd, warn_if_slow_precision
 from .tracking import Tracker
 from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, log_trial_artifacts, open_run,
-                    pick_device, restore_rng, runs_settled_on_exit, stop_signals_asked, timed, trial_state)
+                    pick_device, restore_rng, runs_settled_on_exit, stop_signals_asked, timed, trial_state,
+                    warn_if_model_misfits_data)
 
 # What may differ between the members of one fused group: everything else must be equal.
 FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
@@ -329,6 +330,7 @@ class FusedTrainer:
             torch.manual_seed(cfg.seed)  # the same initial weights as the trial alone
             models.append(create_model(cfg.model.name, num_classes=self.train_loaders[0].num_classes,
                                        **cfg.model.overrides()))
+        warn_if_model_misfits_data(cfgs[0].model.name, models[0].input_size, self.train_loaders[0].cifar_sized)
         self.model = FusedModel(models, device)
         del models
         steps_per_epoch = len(self.train_loaders[0])

@@ -122,6 +122,7 @@ class Trainer:
                   f"{self.schedule.total} ({len(self.train_loader)} an epoch); a line after each evaluation, "
                   f"every {self.cfg.eval.every_epochs} epoch(s)", file=sys.stderr, flush=True)
             warn_if_slow_precision(self.cfg, self.device)
+            warn_if_model_misfits_data(self.cfg.model.name, self.model.input_size, self.train_loader.cifar_sized)
         with stop_signals_asked(self.stop.set), runs_settled_on_exit([self.tracker], self.end_tracking):
             try:
                 if state is not None:  # in the try: a checkpoint that does not fit fails its run, with the reason
@@ -288,6 +289,16 @@ class Trainer:
 
     def log_artifacts(self) -> None:
         log_trial_artifacts(self.tracker, self.cfg, self.step.eval_model().state_dict(), self.train_loader.num_classes)
+
+
+def warn_if_model_misfits_data(name: str, input_size: int, cifar_sized: bool) -> None:
+    """A CIFAR net on ImageNet-sized data (224 px crops: ~49x its compute) or an ImageNet net on CIFAR-sized images
+    (its stem and 5 downsamplings leave 1x1 maps) trains without an error: said at the start."""
+    if (input_size <= 64) == cifar_sized:
+        return
+    data = "CIFAR-sized images (<= 64 px)" if cifar_sized else "ImageNet-sized images (cropped to 224 px)"
+    print(f"warning: model.name: {name} is built for {input_size} px inputs, but data.path gives it {data}",
+          file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

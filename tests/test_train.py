@@ -691,6 +691,19 @@ def test_a_one_process_deepspeed_launch_leaves_nothing_in_dev_shm(tmp_path):
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_127.0.0.1_29563_*"))
 
 
+def test_a_model_built_for_another_image_size_than_the_datas_is_warned_of(tmp_path, capsys):
+    """resnet18 (a 224 px stem) on 32 px images trained to the end without a word."""
+    cfg = tiny_config(tmp_path, schedule={"total": 1, "milestones": [1]}, batch_size=8)
+    train(cfg)
+    assert "warning: model.name" not in capsys.readouterr().err
+    cfg = tiny_config(tmp_path, schedule={"total": 1, "milestones": [1]}, batch_size=8,
+                      tracking={"experiment": "misfit"})
+    cfg["model"] = {"name": "resnet18"}
+    assert train(cfg)["status"] == "FINISHED"
+    assert ("warning: model.name: resnet18 is built for 224 px inputs, but data.path gives it CIFAR-sized images "
+            "(<= 64 px)") in capsys.readouterr().err
+
+
 def test_train_keys_lists_every_config_key_with_its_default(capsys):
     from orchestrator.cli import main as orchestrate
     assert orchestrate(["train", "--keys"]) == 0
