@@ -58,4 +58,11 @@ def schedule_warnings(cfg: TrainConfig) -> list[str]:
     if warmup.kind != "none" and warmup.length >= s.total:
         said.append(f"schedule.warmup.length {warmup.length} >= schedule.total {s.total}: the whole run warms up, "
                     f"never at optim.lr {cfg.optim.lr:g} (set schedule.warmup.length too)")
+    default_milestones = type(s).model_fields["milestones"].default
+    if s.kind != "step" and tuple(s.milestones) != tuple(default_milestones):
+        said.append(f"schedule.milestones {list(s.milestones)}: a {s.kind} schedule has none; they are ignored "
+                    "(schedule.kind step uses them)")
+    if warmup.kind == "linear" and warmup.lr > cfg.optim.lr:
+        said.append(f"schedule.warmup.lr {warmup.lr:g} > optim.lr {cfg.optim.lr:g}: the linear warm-up ramps the lr "
+                    "down, not up")
     return said

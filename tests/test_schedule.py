@@ -68,3 +68,17 @@ def test_log_every_is_part_of_a_trial_only_when_a_warm_up_ends_on_the_train_erro
     assert key(2, kind="constant", until_train_error=0.8) != key(10, kind="constant", until_train_error=0.8)
     assert key(2) == key(10)
     assert key(2, kind="constant", length=5) == key(10, kind="constant", length=5)
+
+
+def test_schedule_settings_that_do_nothing_or_the_reverse_are_warned_of(capsys):
+    """Milestones under a cosine schedule were ignored without a word, and a linear warm-up from above optim.lr
+    ramped the lr down (test_loss 4305); --print-config, where a user checks a config, said neither."""
+    from orchestrator.cli import main as orchestrate
+    assert orchestrate(["train", "--print-config", "--set", "schedule.kind=cosine", "schedule.milestones=[1]",
+                        "schedule.warmup.kind=linear", "schedule.warmup.length=10", "schedule.warmup.lr=0.5"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: schedule.milestones [1]: a cosine schedule has none; they are ignored (schedule.kind step uses "
+        "them)",
+        "warning: schedule.warmup.lr 0.5 > optim.lr 0.1: the linear warm-up ramps the lr down, not up"]
+    assert orchestrate(["train", "--print-config", "--set", "schedule.kind=cosine"]) == 0  # the recipe's milestones
+    assert capsys.readouterr().err == ""

@@ -31,10 +31,14 @@ def run(args: argparse.Namespace) -> int:
     if args.tracking_uri:  # every orchestrate command takes --tracking-uri
         args.set = [*args.set, f"tracking.uri={args.tracking_uri}"]
     if args.print_config:
+        import sys
         import yaml
         from resnet_core.config import load_config, trial_key
+        from resnet_core.schedule import schedule_warnings
         cfg = load_config(args.config, args.set)
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False) + f"# trial key: {trial_key(cfg)}")
+        for warning in schedule_warnings(cfg):  # as the run itself would say at its start
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     from resnet_core.train import main
     sets = [word for text in args.set for word in ("--set", text)]
