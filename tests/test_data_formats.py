@@ -162,6 +162,11 @@ def test_unknown_layout_names_the_path(tmp_path):
     with pytest.raises(ValueError, match="no recognised layout") as err:
         load_split(cfg_for(tmp_path / "random", tmp_path), "train")
     assert str(tmp_path / "random") in str(err.value)
+    # the train folder itself given: said so, with the folder to give
+    (tmp_path / "ds" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(ValueError, match=f"{tmp_path / 'ds' / 'train'} is one split of a dataset; name the folder "
+                                         f"that holds it: {tmp_path / 'ds'}"):
+        load_split(cfg_for(tmp_path / "ds" / "train", tmp_path), "train")
 
 
 def test_empty_class_folder_is_named(png_folder, tmp_path):

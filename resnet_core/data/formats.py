@@ -280,6 +280,8 @@ def _find_image_folder(path: Path) -> Path:
     subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if len(subdirs) == 1 and (subdirs[0] / "train").is_dir():
         return subdirs[0]
+    if path.name in ("train", "test", "val") and (path.parent / "train").is_dir():
+        raise DataError(f"data.path: {path} is one split of a dataset; name the folder that holds it: {path.parent}")
     raise DataError(f"data.path: {path} has no recognised layout; accepted: {'; '.join(LAYOUTS)}")
 
 

@@ -129,8 +129,9 @@ class Loader:
         self.num_samples = rank_share(split_size, rank, world_size, train)
         self.epoch = 0
         if train and self.num_samples < batch_size:
-            raise DataError(f"split {split!r}: {self.num_samples} images per rank is less than one batch "
-                             f"of {batch_size} (train batches are full: drop_last)")
+            raise DataError(f"batch_size: split {split!r} has {self.num_samples} images per rank, less than one "
+                             f"batch of {batch_size} (train batches are full: drop_last); lower batch_size, or "
+                             "give the split more images (data.subset, data.val_split)")
 
     def __len__(self) -> int:
         if self.train:
