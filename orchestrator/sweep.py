@@ -97,7 +97,7 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
         per_gpu, need, capacity, source = memory
         lines.append(f"GPU memory: up to {per_gpu} trial process(es) per GPU need at most {need / 2**30:.1f} GiB "
                      f"of {capacity:.0f} GiB ({source})")
-    lines.append("")
+    lines += ["", "trials in the order they start (longest first, so the sweep's end waits on no long trial):"]
     total = 0.0
     for unit in units:
         members = unit.members

@@ -308,6 +308,8 @@ def test_dry_run_of_the_paper_depth_sweep_estimates_gpu_hours(capsys):
                         "--tracking-uri", "sqlite:////nonexistent/dir/m.db"]) == 0
     out = capsys.readouterr().out
     assert out.count("\ntrial ") == 30  # 10 nets x 3 seeds
+    assert "\ntrials in the order they start (longest first" in out  # the order was not said
+    assert out.index("model.name=resnet110") < out.index("model.name=resnet56") < out.index("model.name=resnet20")
     hours = float(out.split("estimated GPU-hours: ")[1].split()[0])
     assert 0.5 < hours < 20  # ~27 min for the five ResNets with CUDA graphs (gpu.md), x3 seeds, + plain nets
 
