@@ -17,6 +17,7 @@ import copy
 import hashlib
 import json
 import math
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from .steps import autocast, resolve_precision, resolve_step, sgd, warn_if_slow_
 from .tracking import Tracker
 from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, log_trial_artifacts, open_run,
                     pick_device, restore_rng, runs_settled_on_exit, stop_signals_asked, timed, trial_state,
-                    warn_if_model_misfits_data)
+                    warmup_never_ended, warn_if_model_misfits_data)
 
 # What may differ between the members of one fused group: everything else must be equal.
 FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
@@ -507,10 +508,14 @@ class FusedTrainer:
         if "val_error" in metrics:
             metrics["best_val_error"] = m.best_val_error
         self.log(m, metrics)  # to MLflow only: the backend reports the returned result (see Trainer.finish)
+        never = warmup_never_ended(m.schedule, self.iteration, m.warmup_ended)
+        if never:
+            print(f"warning: trial {m.key[:8]}: {never}", file=sys.stderr, flush=True)
         if m.tracker:
             log_trial_artifacts(m.tracker, m.cfg, self.model.member_state_dict(m.index),
                                 self.train_loaders[0].num_classes)
-            m.tracker.end("FINISHED", {"status_reason": "finished", "fused_group": self.group_label()})
+            m.tracker.end("FINISHED", {"status_reason": "finished", "fused_group": self.group_label(),
+                                       **({"warning": never} if never else {})})
         return {"status": "FINISHED", "trial_key": m.key, "run_id": m.run_id, "iteration": self.iteration, **metrics}
 
     def fail(self, m: Member, reason: str) -> None:

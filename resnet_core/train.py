@@ -276,9 +276,12 @@ class Trainer:
         # before its weights are kept and its run ends; the backend reports the returned result instead.
         self.log_eval(metrics, epoch, report=False)
         self.save_checkpoint()
+        never = warmup_never_ended(self.schedule, self.iteration, self.warmup_ended)
+        if never and self.env.is_main:
+            print(f"warning: trial {self.key[:8]}: {never}", file=sys.stderr, flush=True)
         if self.tracker:
             self.log_artifacts()
-            self.end_tracking("FINISHED", {"status_reason": "finished"})
+            self.end_tracking("FINISHED", {"status_reason": "finished", **({"warning": never} if never else {})})
         return {"status": "FINISHED", "trial_key": self.key, "run_id": self.run_id,
                 "iteration": self.iteration, "total_iterations": self.schedule.total, **final}
 
@@ -289,6 +292,17 @@ class Trainer:
 
     def log_artifacts(self) -> None:
         log_trial_artifacts(self.tracker, self.cfg, self.step.eval_model().state_dict(), self.train_loader.num_classes)
+
+
+def warmup_never_ended(schedule: LRSchedule, iteration: int, warmup_ended: bool) -> str | None:
+    """A warm-up that only the train error ends (the ResNet-110 recipe) may never end: said when the run ends, on
+    the console and as the run's tag, since the whole run then trained at the warm-up lr."""
+    warmup = schedule.cfg.warmup
+    if not (warmup.until_train_error and schedule.in_warmup(iteration, warmup_ended)):
+        return None
+    return (f"the warm-up never ended: the train error stayed >= schedule.warmup.until_train_error "
+            f"{warmup.until_train_error:g} at every logging step, so the run trained at schedule.warmup.lr "
+            f"{warmup.lr:g} throughout")
 
 
 def warn_if_model_misfits_data(name: str, input_size: int, cifar_sized: bool) -> None:

@@ -82,3 +82,18 @@ def test_schedule_settings_that_do_nothing_or_the_reverse_are_warned_of(capsys):
         "warning: schedule.warmup.lr 0.5 > optim.lr 0.1: the linear warm-up ramps the lr down, not up"]
     assert orchestrate(["train", "--print-config", "--set", "schedule.kind=cosine"]) == 0  # the recipe's milestones
     assert capsys.readouterr().err == ""
+
+
+def test_a_warm_up_the_train_error_never_ended_is_said_at_the_end():
+    from resnet_core.config import build_config
+    from resnet_core.train import warmup_never_ended
+    cfg = build_config({"schedule": {"total": 20, "milestones": [18],
+                                     "warmup": {"kind": "constant", "until_train_error": 0.8}}})
+    schedule = LRSchedule(cfg.schedule, cfg.optim.lr, 16)
+    assert warmup_never_ended(schedule, 20, warmup_ended=True) is None
+    assert warmup_never_ended(schedule, 20, warmup_ended=False) == (
+        "the warm-up never ended: the train error stayed >= schedule.warmup.until_train_error 0.8 at every logging "
+        "step, so the run trained at schedule.warmup.lr 0.01 throughout")
+    with_length = build_config({"schedule": {"total": 20, "milestones": [18], "warmup": {
+        "kind": "constant", "until_train_error": 0.8, "length": 5}}})  # its length ended it
+    assert warmup_never_ended(LRSchedule(with_length.schedule, 0.1, 16), 20, warmup_ended=False) is None
