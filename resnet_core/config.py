@@ -78,7 +78,8 @@ class ScheduleConfig(Section):
     total: int = Field(64000, ge=1, description="training length in `unit`")
     kind: Literal["step", "cosine", "constant"] = Field("step", description=(
         "step: lr x gamma at each milestone (the paper); cosine: down to 0 at total; constant: optim.lr throughout"))
-    milestones: tuple[int, ...] = Field((32000, 48000), description="step schedule: lr *= gamma at these (counted in unit)")
+    milestones: tuple[int, ...] = Field((32000, 48000),
+                                        description="step schedule: lr *= gamma at these (counted in unit)")
     gamma: float = Field(0.1, gt=0, allow_inf_nan=False, description="step schedule: the lr factor at each milestone")
     warmup: WarmupConfig = WarmupConfig()
 
@@ -219,7 +220,7 @@ def meta_model(model: ModelConfig) -> torch.nn.Module:
 
 
 # Fields that do not change what a trial computes: excluded from its key, so re-running with another log
-# interval or checkpoint folder finds the same trial.
+# interval or checkpoint folder finds the same trial (trial_key keeps log_every where a warm-up depends on it).
 NON_RESULT_FIELDS = {"checkpoint": True, "tracking": True, "eval": {"batch_size"},
                      "data": {"num_workers", "cache_dir", "download"}}
 

@@ -43,7 +43,8 @@ from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, l
 
 # What may differ between the members of one fused group: everything else must be equal.
 FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
-# no result depends on them, but the group has one of each: the first member's was used for all, unannounced
+# the group has one of each (the first member's was used for all, unannounced); no result depends on them but
+# log_every under a warm-up that ends on the train error, where it is part of the trial key too
 GROUP_SETTINGS = ("checkpoint.every", "checkpoint.resume", "tracking.log_every", "eval.batch_size")
 
 

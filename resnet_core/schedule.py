@@ -59,7 +59,7 @@ def schedule_warnings(cfg: TrainConfig) -> list[str]:
         said.append(f"schedule.warmup.length {warmup.length} >= schedule.total {s.total}: the whole run warms up, "
                     f"never at optim.lr {cfg.optim.lr:g} (set schedule.warmup.length too)")
     default_milestones = type(s).model_fields["milestones"].default
-    if s.kind != "step" and tuple(s.milestones) != tuple(default_milestones):
+    if s.kind != "step" and s.milestones and tuple(s.milestones) != tuple(default_milestones):
         said.append(f"schedule.milestones {list(s.milestones)}: a {s.kind} schedule has none; they are ignored "
                     "(schedule.kind step uses them)")
     if warmup.kind == "linear" and warmup.lr > cfg.optim.lr:

@@ -180,6 +180,20 @@ def test_corrupt_file_inside_dali_and_torch_loaders_is_named(jpeg_folder, tmp_pa
         assert str(err.value).startswith(f"{bad}: ") and "\n" not in str(err.value)  # not the worker's type name
 
 
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_an_image_of_another_size_in_a_cifar_sized_folder_is_named(tmp_path, loader):
+    """Each cropped to its own size, it made the batch uneven: DALI's "The batch must be representable as a
+    tensor" or torch.stack's worker traceback, no file named (the gpu loader names it when it decodes the folder)."""
+    from PIL import Image
+    root = write_image_folder(tmp_path / "mixed", {"train": 4, "test": 2}, size=32)
+    odd = root / "train" / "dog" / "0002.png"
+    Image.new("RGB", (40, 40)).save(odd)
+    cfg = DataConfig(path=str(root), loader=loader, cache_dir=str(tmp_path / "cache"), num_workers=1)
+    with pytest.raises(DataError, match="40x40 px, but .* is 32x32; CIFAR-sized folders need one image size") as err:
+        list(build_loader(cfg, "train", 4))
+    assert str(odd) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_bad_batch_and_rank_arguments():
     cfg = DataConfig(path="synthetic", synthetic=SMALL)
     with pytest.raises(ValueError, match="less than one batch"):

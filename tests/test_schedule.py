@@ -97,3 +97,9 @@ def test_a_warm_up_the_train_error_never_ended_is_said_at_the_end():
     with_length = build_config({"schedule": {"total": 20, "milestones": [18], "warmup": {
         "kind": "constant", "until_train_error": 0.8, "length": 5}}})  # its length ended it
     assert warmup_never_ended(LRSchedule(with_length.schedule, 0.1, 16), 20, warmup_ended=False) is None
+
+
+def test_no_milestones_under_a_cosine_schedule_is_no_warning(capsys):
+    from orchestrator.cli import main as orchestrate
+    assert orchestrate(["train", "--print-config", "--set", "schedule.kind=cosine", "schedule.milestones=[]"]) == 0
+    assert capsys.readouterr().err == ""  # clearing them is how one says "none"

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import torch
 
+from .config import DataError
 from .sampling import CIFAR_PAD, EpochPlan, Loader, normalisation
 
 IMAGENET_CROP, IMAGENET_RESIZE = 224, 256
@@ -140,16 +141,22 @@ class DaliLoader(Loader):
             mean=[m * 255 for m in mean], std=[s * 255 for s in std])
 
     def _explain(self, err: RuntimeError, plan: EpochPlan, number: int) -> Exception:
-        """DALI's decode errors are long; name the broken file of the failing batch instead."""
+        """DALI's errors are long and name no file: name the broken file of the failing batch instead, or in a
+        CIFAR-sized folder the image of another size (its batch cannot be one tensor)."""
         if self.files is None:
             return err
         from .formats import decode_image
         part = slice(number * plan.batch_size, (number + PREFETCH + 1) * plan.batch_size)  # prefetched too
+        shapes: dict[tuple, str] = {}
         for index in plan.indices[part]:
             try:
-                decode_image(self.files[index])
+                shapes.setdefault(decode_image(self.files[index]).shape, self.files[index])
             except ValueError as bad:
                 return bad
+        if self.cifar_sized and len(shapes) > 1:
+            (shape, file), (other, odd) = list(shapes.items())[:2]  # in the batch's order
+            return DataError(f"{odd}: {other[1]}x{other[0]} px, but {file} is {shape[1]}x{shape[0]}; CIFAR-sized "
+                             "folders need one image size")
         return err
 
 

@@ -322,7 +322,8 @@ SIZE_SAMPLE = 32  # images whose headers decide whether a folder is CIFAR-sized
 def _is_cifar_sized(files: list[str]) -> bool:
     """Whether most of a sample across the classes are CIFAR-sized: ImageNet has some small images, and the first
     file alone made a whole ImageNet-sized folder CIFAR-sized (uncropped images of every size, then a traceback).
-    A CIFAR-sized folder with an odd image is an error naming it when the folder is decoded."""
+    A CIFAR-sized folder with an image of another size is an error naming it: when the gpu loader decodes the
+    folder, when the dali or torch loader meets it in a batch."""
     from PIL import Image
     sample = files[::max(1, len(files) // SIZE_SAMPLE)][:SIZE_SAMPLE]
     small = 0

@@ -28,7 +28,7 @@ class PlannedImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, item: tuple) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: tuple) -> tuple[torch.Tensor, int, int]:
         import torchvision.transforms.functional as TF
         index, flip, crop_x, crop_y, rrc = item
         image = self._pil(index)
@@ -42,7 +42,17 @@ class PlannedImages(torch.utils.data.Dataset):
             image = TF.center_crop(TF.resize(image, IMAGENET_RESIZE, antialias=True), IMAGENET_CROP)
         if flip:
             image = TF.hflip(image)
-        return TF.normalize(TF.to_tensor(image), self.mean, self.std), int(self.labels[index])
+        return TF.normalize(TF.to_tensor(image), self.mean, self.std), int(self.labels[index]), index
+
+    def collate(self, items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch; in a CIFAR-sized folder an image of another size is named (torch.stack named no file)."""
+        first = items[0]
+        for image, _, index in items:
+            if image.shape != first[0].shape and self.files is not None:
+                raise ValueError(f"{self.files[index]}: {image.shape[2]}x{image.shape[1]} px, but "
+                                 f"{self.files[first[2]]} is {first[0].shape[2]}x{first[0].shape[1]}; CIFAR-sized "
+                                 "folders need one image size")
+        return torch.stack([image for image, _, _ in items]), torch.tensor([label for _, label, _ in items])
 
     def _pil(self, index: int):
         from PIL import Image
@@ -62,6 +72,7 @@ class TorchLoader(Loader):
     def _run(self, plan: EpochPlan):
         loader = torch.utils.data.DataLoader(
             self.dataset, batch_sampler=list(_planned_batches(plan)), num_workers=self.num_workers,
+            collate_fn=self.dataset.collate,
             pin_memory=self.device.type == "cuda", prefetch_factor=4 if self.num_workers else None)
         try:
             for images, labels in loader:
