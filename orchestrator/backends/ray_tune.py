@@ -74,9 +74,10 @@ def run_trial(config: dict[str, Any]) -> None:
                 results = [{"status": "INTERRUPTED", "trial_key": m["key"],
                             "reason": f"the sweep was stopped: {err}"} for m in members]
     for result in results:
-        report_to_tune({"trial_status": result["status"], "run_id": result.get("run_id"), **metric_placeholders(result),
-                     **{k: v for k, v in result.items() if isinstance(v, (int, float))},
-                     "trial_key": result["trial_key"], **({"reason": result["reason"]} if "reason" in result else {})})
+        numbers = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+        reason = {"reason": result["reason"]} if "reason" in result else {}
+        report_to_tune({"trial_status": result["status"], "run_id": result.get("run_id"),
+                        **metric_placeholders(result), **numbers, "trial_key": result["trial_key"], **reason})
 
 
 def report_to_tune(metrics: dict) -> None:
