@@ -308,7 +308,8 @@ def warmup_never_ended(schedule: LRSchedule, iteration: int, warmup_ended: bool)
 def warn_if_model_misfits_data(name: str, input_size: int, cifar_sized: bool) -> None:
     """A CIFAR net on ImageNet-sized data (224 px crops: ~49x its compute) or an ImageNet net on CIFAR-sized images
     (its stem and 5 downsamplings leave 1x1 maps) trains without an error: said at the start."""
-    if (input_size <= 64) == cifar_sized:
+    from .data.formats import CIFAR_SIZED_MAX
+    if (input_size <= CIFAR_SIZED_MAX) == cifar_sized:
         return
     data = "CIFAR-sized images (<= 64 px)" if cifar_sized else "ImageNet-sized images (cropped to 224 px)"
     print(f"warning: model.name: {name} is built for {input_size} px inputs, but data.path gives it {data}",

@@ -15,7 +15,6 @@ import warnings
 import numpy as np
 import torch
 
-from .config import DataError
 from .sampling import CIFAR_PAD, EpochPlan, Loader, normalisation
 
 IMAGENET_CROP, IMAGENET_RESIZE = 224, 256
@@ -145,7 +144,7 @@ class DaliLoader(Loader):
         CIFAR-sized folder the image of another size (its batch cannot be one tensor)."""
         if self.files is None:
             return err
-        from .formats import decode_image
+        from .formats import decode_image, other_size
         part = slice(number * plan.batch_size, (number + PREFETCH + 1) * plan.batch_size)  # prefetched too
         shapes: dict[tuple, str] = {}
         for index in plan.indices[part]:
@@ -154,9 +153,8 @@ class DaliLoader(Loader):
             except ValueError as bad:
                 return bad
         if self.cifar_sized and len(shapes) > 1:
-            (shape, file), (other, odd) = list(shapes.items())[:2]  # in the batch's order
-            return DataError(f"{odd}: {other[1]}x{other[0]} px, but {file} is {shape[1]}x{shape[0]}; CIFAR-sized "
-                             "folders need one image size")
+            (shape, file), (odd_shape, odd) = list(shapes.items())[:2]  # in the batch's order
+            return other_size(odd, odd_shape[1::-1], file, shape[1::-1])
         return err
 
 

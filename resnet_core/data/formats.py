@@ -336,6 +336,13 @@ def _is_cifar_sized(files: list[str]) -> bool:
     return 2 * small > len(sample)
 
 
+def other_size(file: str, size: tuple[int, int], reference: str, reference_size: tuple[int, int]) -> DataError:
+    """The error of an image whose (width, height) differs from another's in a CIFAR-sized folder, which every
+    loader batches uncropped to a size."""
+    return DataError(f"{file}: {size[0]}x{size[1]} px, but {reference} is {reference_size[0]}x{reference_size[1]}; "
+                     "CIFAR-sized folders need one image size")
+
+
 def decode_image(file: str) -> np.ndarray:
     """One image as uint8 HWC RGB; a corrupt file is a one-line error naming it."""
     from PIL import Image
@@ -399,8 +406,7 @@ def _decode_chunk(files: list[str]) -> np.ndarray:
     for i, file in enumerate(files[1:], 1):
         image = decode_image(file)
         if image.shape != first.shape:
-            raise DataError(f"{file}: {image.shape[1]}x{image.shape[0]} px, but {files[0]} is "
-                             f"{first.shape[1]}x{first.shape[0]}; CIFAR-sized folders need one image size")
+            raise other_size(file, image.shape[1::-1], files[0], first.shape[1::-1])
         out[i] = image
     return out
 

@@ -46,13 +46,15 @@ class PlannedImages(torch.utils.data.Dataset):
 
     def collate(self, items: list[tuple[torch.Tensor, int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch; in a CIFAR-sized folder an image of another size is named (torch.stack named no file)."""
-        first = items[0]
-        for image, _, index in items:
-            if image.shape != first[0].shape and self.files is not None:
-                raise ValueError(f"{self.files[index]}: {image.shape[2]}x{image.shape[1]} px, but "
-                                 f"{self.files[first[2]]} is {first[0].shape[2]}x{first[0].shape[1]}; CIFAR-sized "
-                                 "folders need one image size")
-        return torch.stack([image for image, _, _ in items]), torch.tensor([label for _, label, _ in items])
+        try:
+            images = torch.stack([image for image, _, _ in items])
+        except RuntimeError:
+            if self.files is None:
+                raise
+            from .formats import other_size
+            (first, _, at), (odd, _, index) = items[0], next(i for i in items if i[0].shape != items[0][0].shape)
+            raise other_size(self.files[index], odd.shape[:0:-1], self.files[at], first.shape[:0:-1]) from None
+        return images, torch.tensor([label for _, label, _ in items])
 
     def _pil(self, index: int):
         from PIL import Image
