@@ -35,8 +35,8 @@ class Plan:
 
 class Ledger:
     def __init__(self, uri: str, experiment: str, create: bool = True):
-        from mlflow import MlflowClient
-        self.client, self.name = MlflowClient(tracking_uri=uri), experiment
+        from resnet_core.tracking import mlflow_client
+        self.client, self.name = mlflow_client(uri), experiment
         found = self.client.get_experiment_by_name(experiment)
         self.experiment_id = found.experiment_id if found else None
         if create:

@@ -29,11 +29,10 @@ class BrokenRun(UserError):
 
 def open_client(uri: str | None):
     """A client on an existing store (``uri``, else $MLFLOW_TRACKING_URI, else sqlite:///mlruns.db)."""
-    from mlflow import MlflowClient
-    from resnet_core.tracking import tracking_uri
+    from resnet_core.tracking import mlflow_client, tracking_uri
     uri = tracking_uri(uri)
     check_store(uri)
-    return MlflowClient(tracking_uri=uri)
+    return mlflow_client(uri)
 
 
 def check_store(uri: str) -> None:

@@ -16,11 +16,14 @@ it was logged with, and the store drops exact duplicates.
 from __future__ import annotations
 
 import csv
+import fcntl
+import hashlib
 import logging
 import os
 import platform
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +71,21 @@ def tracking_uri(configured: str | None) -> str:
 def sqlite_path(uri: str) -> Path | None:
     """The database file of an sqlite store's URI (relative or absolute); None for other stores."""
     return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def mlflow_client(uri: str):
+    """An MlflowClient on ``uri``. Opening an sqlite store creates or upgrades its schema, and two processes doing
+    that at once crash (alembic's "expected to match one row"): an `orchestrate status` in the first seconds of a
+    new sweep's store, or trials starting together on a new one. Processes on this host take turns, on a lock keyed
+    by the file (MLflow's own lock does not cover this path)."""
+    from mlflow import MlflowClient
+    path = sqlite_path(uri)
+    if path is None:
+        return MlflowClient(tracking_uri=uri)
+    key = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"resnet-orchestrator-store-{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+        return MlflowClient(tracking_uri=uri)
 
 
 def absolute_uri(uri: str) -> str:
@@ -166,10 +184,9 @@ class Tracker:
                  retry_seconds: float = RETRY_SECONDS):
         for name, value in CLIENT_DEFAULTS.items():
             os.environ.setdefault(name, value)  # read by MLflow's HTTP client at each request
-        from mlflow import MlflowClient
         uri = tracking_uri(uri)
         check_store_usable(uri, probe_server=False)  # a server that is restarting gets the client's retries
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = mlflow_client(uri)
         self.experiment_id = get_or_create_experiment(self.client, experiment)
         self.run_id: str | None = None
         self.flush_seconds, self.retry_seconds = flush_seconds, retry_seconds

@@ -19,6 +19,7 @@ from mlflow import MlflowClient
 
 from orchestrator.cli import main as orchestrate
 from orchestrator.ledger import OWNER_TAG
+from resnet_core.tracking import mlflow_client
 
 from conftest import REPO
 from processes import descendants, wait_until_gone
@@ -713,7 +714,7 @@ def test_a_second_orchestrator_of_the_same_sweep_is_refused(tmp_path):
     assert f"sweep 'smoke' is already running from {tmp_path / 'runs' / 'sweeps' / 'smoke'} (pid {first.pid}" in said
     # Another output folder (or another working folder) escapes that lock: the store's record of the sweep's
     # orchestrator stops it (both trained every trial, in the same runs)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns.db")
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlruns.db")  # as `orchestrate status`: the sweep may create it
     while time.monotonic() < deadline and OWNER_TAG not in getattr(client.get_experiment_by_name("smoke"), "tags", {}):
         time.sleep(0.5)
     third = sweep(tmp_path, spec, "--output", str(tmp_path / "elsewhere"))

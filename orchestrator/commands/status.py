@@ -15,18 +15,17 @@ def trial_state(run) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlflow import MlflowClient
     from orchestrator.cli import console
     from rich.markup import escape
     from rich.table import Table
 
     from orchestrator.cli import UserError
     from orchestrator.runs import check_store, sweep_names, trial_runs
-    from resnet_core.tracking import absolute_uri, tracking_uri
+    from resnet_core.tracking import absolute_uri, mlflow_client, tracking_uri
 
     uri = absolute_uri(tracking_uri(args.tracking_uri))
     check_store(uri)
-    client = MlflowClient(uri)
+    client = mlflow_client(uri)
     if args.sweep is None:
         table = Table(title=f"sweeps in {uri}")
         for column in ("sweep", "trials", "finished", "running/interrupted", "failed", "stopped early",

@@ -52,20 +52,20 @@ def running_server(store: str = "postgres", **kwargs):
 
 
 def runs_of(uri: str, experiment: str = "faults") -> list:
-    from mlflow import MlflowClient
-    client = MlflowClient(uri)
+    from resnet_core.tracking import mlflow_client  # polled while a sweep may be creating the store
+    client = mlflow_client(uri)
     found = client.get_experiment_by_name(experiment)
     return [] if found is None else client.search_runs([found.experiment_id])
 
 
 def steps_of(uri: str, run_id: str, key: str) -> list[int]:
-    from mlflow import MlflowClient
-    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, key))
+    from resnet_core.tracking import mlflow_client
+    return sorted(m.step for m in mlflow_client(uri).get_metric_history(run_id, key))
 
 
 def history_of(uri: str, run_id: str, key: str) -> list:
-    from mlflow import MlflowClient
-    return sorted(MlflowClient(uri).get_metric_history(run_id, key), key=lambda m: m.step)
+    from resnet_core.tracking import mlflow_client
+    return sorted(mlflow_client(uri).get_metric_history(run_id, key), key=lambda m: m.step)
 
 
 def listening_addresses(port: int) -> set[str]:
