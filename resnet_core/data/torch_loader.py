@@ -22,6 +22,7 @@ class PlannedImages(torch.utils.data.Dataset):
     """Items are (index, flip, crop_x, crop_y, rrc) tuples from the plan, not bare indices."""
 
     def __init__(self, labels: np.ndarray, images: np.ndarray | None, files: list[str] | None, cifar_sized: bool):
+        import torchvision.transforms.functional  # noqa: F401  here, not first in each worker: ~2 s a worker
         self.labels, self.images, self.files, self.cifar_sized = labels, images, files, cifar_sized
         self.mean, self.std = normalisation(cifar_sized)
 
