@@ -49,6 +49,14 @@ def error_rate(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(np.mean(probs.argmax(axis=-1) != labels))
 
 
+def top5_error(probs: np.ndarray, labels: np.ndarray) -> float | None:
+    """The paper's ImageNet metric, for more than 10 classes (as the worker logs test_top5_error); else None."""
+    if probs.shape[-1] <= 10:
+        return None
+    top5 = np.argpartition(-probs, 4, axis=-1)[:, :5]
+    return float(np.mean((top5 != labels[:, None]).all(axis=1)))
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     picked = probs[np.arange(len(labels)), labels]
     return float(-np.mean(np.log(np.clip(picked, 1e-12, None))))
@@ -150,6 +158,7 @@ class Member:
     selection_metric: float
     error: float = float("nan")
     weight: float = 0.0
+    top5_error: float | None = None
 
 
 @dataclass
@@ -162,10 +171,15 @@ class EnsembleResult:
     loss: float
     skipped: list[str] = field(default_factory=list)  # "run id: reason" of members left out by --skip-broken
     bag: list[str] = field(default_factory=list)  # greedy: the run ids in the order they were added
+    top5_error: float | None = None  # more than 10 classes only
 
     @property
     def best_member_error(self) -> float:
         return min(m.error for m in self.members)
+
+    @property
+    def best_member_top5_error(self) -> float | None:
+        return None if self.top5_error is None else min(m.top5_error for m in self.members)
 
     @property
     def gain(self) -> float:
@@ -173,7 +187,8 @@ class EnsembleResult:
         return self.best_member_error - self.error
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "best_member_error": self.best_member_error, "gain": self.gain}
+        return {**asdict(self), "best_member_error": self.best_member_error, "gain": self.gain,
+                "best_member_top5_error": self.best_member_top5_error}
 
 
 def build_ensemble(client, experiment, *, top: int, metric: str = "val_error", split: str = "test",
@@ -208,7 +223,7 @@ def combine_members(members: list[Member], predictions: dict, split: str, method
                     skipped: list[str], rounds: int | None) -> EnsembleResult:
     probs, labels = stack(predictions[split], members)
     for member, p in zip(members, probs):
-        member.error = error_rate(p, labels)
+        member.error, member.top5_error = error_rate(p, labels), top5_error(p, labels)
     bag: list[int] = []
     if method == "mean":
         weights = mean_weights(len(members))
@@ -222,7 +237,7 @@ def combine_members(members: list[Member], predictions: dict, split: str, method
         member.weight = float(w)
     ensemble = combine(probs, weights)
     return EnsembleResult(method, split, metric, members, error_rate(ensemble, labels), nll(ensemble, labels),
-                          skipped, [members[i].run_id for i in bag])
+                          skipped, [members[i].run_id for i in bag], top5_error(ensemble, labels))
 
 
 def stack(outputs: list[tuple[np.ndarray, np.ndarray]], members: list[Member]) -> tuple[np.ndarray, np.ndarray]:
@@ -273,6 +288,10 @@ def log_ensemble(client, experiment, result: EnsembleResult) -> str:
                "best_member_error": result.best_member_error, "gain": result.gain}
     for i, m in enumerate(result.members, 1):
         metrics.update({f"member_{i}_error": m.error, f"member_{i}_weight": m.weight})
+    if result.top5_error is not None:
+        metrics.update({"ensemble_top5_error": result.top5_error,
+                        "best_member_top5_error": result.best_member_top5_error,
+                        **{f"member_{i}_top5_error": m.top5_error for i, m in enumerate(result.members, 1)}})
     log_params(client, run.info.run_id, params)
     client.log_batch(run.info.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,6 +3,7 @@
 - ``table6.md``: per depth, plain nets and ResNets side by side: model, layers, parameters (as the paper
   writes them: 0.27M, 1.7M, 19.4M), test error (%) as the best of the seeds and mean ± std over them (the
   paper's "6.43 (6.61±0.16)" for ResNet-110, 5 runs). The std is the sample std (n-1); "–" with one seed.
+  Trials of more than 10 classes (ImageNet) add their top-5 error the same way, as the paper's Tables 3-4.
   ``table6.json`` holds the same numbers unrounded.
 - ``fig6_curves.png``: training error (dashed) and test error (solid) against iterations, plain nets left,
   ResNets right, one curve per depth (the mean over seeds at each logged iteration), as in Fig. 6.
@@ -40,6 +41,7 @@ class Trial:
     seed: str
     test_error: float
     variant: dict[str, str] = field(default_factory=dict)  # the swept settings besides model and seed, as logged
+    test_top5_error: float | None = None  # logged by trials of more than 10 classes
 
 
 def is_plain(family: str) -> bool:
@@ -97,6 +99,7 @@ class Cell:
     errors: list[float]
     runs: list[str] = field(default_factory=list)
     variant: dict[str, str] = field(default_factory=dict)
+    top5_errors: list[float] | None = None  # when every seed logged one
 
     @property
     def series(self) -> str:
@@ -128,7 +131,8 @@ def collect_trials(client, experiment) -> list[Trial]:
         raise UserError(f"sweep {experiment.name!r} has no finished trial with a test_error metric yet")
     variant = variants(runs)
     return [Trial(r.info.run_id, run_label(r), model_info(r), r.data.params.get("seed", "?"),
-                  r.data.metrics["test_error"], variant[r.info.run_id]) for r in runs]
+                  r.data.metrics["test_error"], variant[r.info.run_id], r.data.metrics.get("test_top5_error"))
+            for r in runs]
 
 
 def build_cells(client, trials: list[Trial], say=print) -> list[Cell]:
@@ -139,8 +143,10 @@ def build_cells(client, trials: list[Trial], say=print) -> list[Cell]:
     cells = []
     for (family, depth, variant), members in groups.items():
         members.sort(key=lambda t: t.run_id)
+        top5 = [t.test_top5_error for t in members]
         cells.append(Cell(family, depth, f"{family}-{depth}", parameter_count(client, members, say),
-                          [t.test_error for t in members], [t.run_id for t in members], dict(variant)))
+                          [t.test_error for t in members], [t.run_id for t in members], dict(variant),
+                          None if None in top5 else top5))
     return sorted(cells, key=lambda c: (c.depth, not is_plain(c.family), c.family, variant_order(c.variant)))
 
 
@@ -176,11 +182,27 @@ def params_text(count: int | None) -> str:
     return f"{millions:.2g}M" if millions < 10 else f"{millions:.1f}M"
 
 
-def cell_columns(cell: Cell | None) -> list[str]:
+def has_top5(cells: list[Cell]) -> bool:
+    return any(c.top5_errors for c in cells)
+
+
+def error_columns(errors: list[float] | None) -> list[str]:
+    """The best of the seeds, and their mean ± sample std."""
+    if not errors:
+        return ["–", "–"]
+    std = percent(statistics.stdev(errors)) if len(errors) > 1 else "–"
+    return [percent(min(errors)), f"{percent(statistics.fmean(errors))} ± {std}"]
+
+
+def error_headers(top5: bool) -> list[str]:
+    return ["error (%) best", "error (%) mean ± std"] + (["top-5 (%) best", "top-5 (%) mean ± std"] if top5 else [])
+
+
+def cell_columns(cell: Cell | None, top5: bool = False) -> list[str]:
     if cell is None:
-        return ["", "", "", "", ""]
-    spread = f"{percent(cell.mean)} ± {percent(cell.std)}" if cell.std is not None else f"{percent(cell.mean)} ± –"
-    return [cell.model, params_text(cell.params), percent(cell.best), spread, str(len(cell.errors))]
+        return [""] * (7 if top5 else 5)
+    return [cell.model, params_text(cell.params), *error_columns(cell.errors),
+            *(error_columns(cell.top5_errors) if top5 else []), str(len(cell.errors))]
 
 
 def not_counted(client, experiment) -> str:
@@ -195,7 +217,8 @@ def not_counted(client, experiment) -> str:
 
 
 def table6_markdown(cells: list[Cell], sweep: str, note: str = "") -> str:
-    lines = [f"# Sweep `{sweep}`: classification error on the test set (Table 6 form)", "",
+    form = "Table 6 form, with the top-5 error of Tables 3-4" if has_top5(cells) else "Table 6 form"
+    lines = [f"# Sweep `{sweep}`: classification error on the test set ({form})", "",
              "Test error of the final models. Per family: the best of the seeds and the mean ± sample std over "
              "them (He et al. 2016, Table 6: ResNet-110 \"6.43 (6.61±0.16)\" over 5 runs)." + (f" {note}" if note else ""), ""]
     return "\n".join(lines + (variant_rows(cells) if any(c.variant for c in cells) else paper_rows(cells))) + "\n"
@@ -203,14 +226,14 @@ def table6_markdown(cells: list[Cell], sweep: str, note: str = "") -> str:
 
 def paper_rows(cells: list[Cell]) -> list[str]:
     """The paper's layout: one row per depth, the families side by side."""
-    names = families(cells)
+    names, top5 = families(cells), has_top5(cells)
     by_key = {(c.family, c.depth): c for c in cells}
-    header = ["layers"] + [col for name in names
-                           for col in (name, "# params", "error (%) best", "error (%) mean ± std", "seeds")]
+    group = ["# params", *error_headers(top5), "seeds"]
+    header = ["layers"] + [col for name in names for col in (name, *group)]
     lines = ["| " + " | ".join(header) + " |",
-             "|" + "|".join(["---:"] + ["---", "---:", "---:", "---:", "---:"] * len(names)) + "|"]
+             "|" + "|".join(["---:"] + (["---"] + ["---:"] * len(group)) * len(names)) + "|"]
     for depth in sorted({c.depth for c in cells}):
-        row = [str(depth)] + [col for name in names for col in cell_columns(by_key.get((name, depth)))]
+        row = [str(depth)] + [col for name in names for col in cell_columns(by_key.get((name, depth)), top5)]
         lines.append("| " + " | ".join(row) + " |")
     return lines
 
@@ -218,16 +241,19 @@ def paper_rows(cells: list[Cell]) -> list[str]:
 def variant_rows(cells: list[Cell]) -> list[str]:
     """One row per depth, model and variant, in build_cells' order: the variants of a model at one depth are
     adjacent rows, so they compare down a column (as columns they made one row of 5 x variants cells)."""
-    lines = ["| layers | model | variant | # params | error (%) best | error (%) mean ± std | seeds |",
-             "|---:|---|---|---:|---:|---:|---:|"]
+    top5 = has_top5(cells)
+    header = ["layers", "model", "variant", "# params", *error_headers(top5), "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|---:|---|---|" + "---:|" * (len(header) - 3)]
     for cell in cells:
-        model, *numbers = cell_columns(cell)
+        model, *numbers = cell_columns(cell, top5)
         lines.append("| " + " | ".join([str(cell.depth), model, variant_label(cell.variant), *numbers]) + " |")
     return lines
 
 
 def table6_json(cells: list[Cell], sweep: str) -> str:
-    rows = [{**asdict(c), "best": c.best, "mean": c.mean, "std": c.std} for c in cells]
+    rows = [{**asdict(c), "best": c.best, "mean": c.mean, "std": c.std,
+             **({"top5_best": min(c.top5_errors), "top5_mean": statistics.fmean(c.top5_errors)}
+                if c.top5_errors else {})} for c in cells]
     return json.dumps({"sweep": sweep, "metric": "test_error", "rows": rows}, indent=2)
 
 

@@ -336,3 +336,34 @@ def test_a_store_moved_with_its_artifacts_folder_still_reads_them(tmp_path):
     shutil.move(old, tmp_path / "new")
     cfg = load_config(MlflowClient(f"sqlite:///{tmp_path}/new/mlruns.db"), run_id)
     assert cfg.model.depth == 14
+
+
+def test_a_sweep_of_more_than_10_classes_gets_top5_errors_in_report_and_ensemble(tmp_path, capsys):
+    """The paper's ImageNet results are top-1 and top-5 (Tables 3-5); the worker logged test_top5_error, but the
+    report and the ensemble showed top-1 only."""
+    from resnet_core.train import train
+    from sweep_runs import trial_config
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    client = MlflowClient(uri)
+    for seed in (0, 1):
+        config = trial_config(tmp_path, uri, "resnet_cifar", 8, seed)
+        config["data"]["synthetic"]["num_classes"] = 100  # 256 images: top-5 errors of 40-50 %, not 0
+        assert train(config)["status"] == "FINISHED"
+    runs = client.search_runs([client.get_experiment_by_name("smoke").experiment_id], "tags.kind = 'trial'")
+    logged = sorted(r.data.metrics["test_top5_error"] for r in runs)
+    assert 0 < logged[0] < logged[1] < 1, logged
+    assert main(["report", "--tracking-uri", uri, "--out", str(tmp_path / "report"), "--no-log"]) == 0
+    table = (tmp_path / "report" / "table6.md").read_text()
+    assert "| top-5 (%) best | top-5 (%) mean ± std |" in table, table
+    assert f"| {100 * logged[0]:.2f} | {100 * sum(logged) / 2:.2f} ± " in table, (logged, table)
+    assert main(["ensemble", "--top", "2", "--tracking-uri", uri, "--cache", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "test top-5 error" in out and "; top-5 " in out, out
+    run = client.search_runs([runs[0].info.experiment_id], "tags.kind = 'ensemble'")[0]
+    cached = [np.load(tmp_path / "cache" / f"{run.data.params[f'member_{i}']}-test.npz") for i in (1, 2)]
+    probs = np.mean([softmax(c["logits"]) for c in cached], axis=0)
+    top5 = np.argsort(-probs, axis=1)[:, :5]
+    assert run.data.metrics["ensemble_top5_error"] == pytest.approx(
+        np.mean((top5 != cached[0]["labels"][:, None]).all(1)))
+    members = sorted(run.data.metrics[f"member_{i}_top5_error"] for i in (1, 2))  # as each trial logged it
+    assert members == pytest.approx(logged, abs=1 / 128 + 1e-12)

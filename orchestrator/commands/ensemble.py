@@ -59,9 +59,11 @@ def run(args: argparse.Namespace) -> int:
     screen.print(result_table(result, experiment.name))
     used = sum(m.weight > 0 for m in result.members)  # greedy selection may give a candidate no weight
     members = f"{used} members" if used == len(result.members) else f"{used} of {len(result.members)} candidates"
+    top5 = ("" if result.top5_error is None else f"; top-5 {100 * result.top5_error:.2f}%, best member "
+            f"{100 * result.best_member_top5_error:.2f}%")
     screen.print(f"ensemble ({result.method}, {members}) "
                  f"{result.split} error {100 * result.error:.2f}%; best member {100 * result.best_member_error:.2f}%; "
-                 f"gain {100 * result.gain:+.2f} points")
+                 f"gain {100 * result.gain:+.2f} points{top5}")
     if not args.no_log:
         run_id = log_ensemble(client, experiment, result)
         screen.print(f"logged MLflow run {run_id} (kind=ensemble) in experiment {experiment.name!r}")
@@ -72,10 +74,12 @@ def result_table(result, sweep: str):
     from rich.table import Table
     table = Table(title=f"Ensemble of sweep {sweep!r}: {result.method}, {result.split} split, "
                         f"members ranked by {result.metric}")
-    for column in ("run", "trial", "model", "seed", result.metric, "weight", f"{result.split} error"):
+    top5 = [f"{result.split} top-5 error"] if result.top5_error is not None else []
+    for column in ("run", "trial", "model", "seed", result.metric, "weight", f"{result.split} error", *top5):
         table.add_column(column, justify="left" if column in ("run", "trial", "model") else "right")
     for m in result.members:
         table.add_row(m.run_id[:12], m.label, m.model, m.seed, f"{m.selection_metric:.4f}",
-                      f"{m.weight:.3f}", f"{100 * m.error:.2f}%")
-    table.add_row("ensemble", "", "", "", "", "1.000", f"{100 * result.error:.2f}%", style="bold")
+                      f"{m.weight:.3f}", f"{100 * m.error:.2f}%", *([f"{100 * m.top5_error:.2f}%"] if top5 else []))
+    table.add_row("ensemble", "", "", "", "", "1.000", f"{100 * result.error:.2f}%",
+                  *([f"{100 * result.top5_error:.2f}%"] if top5 else []), style="bold")
     return table
