@@ -108,10 +108,16 @@ def gpu_loader_bytes(cfg: TrainConfig) -> int:
     return 60_000 * 3 * 32 * 32
 
 
-def gpu_memory_gb(configured: float | None) -> tuple[float, str]:
-    """The memory of one GPU and where the figure came from."""
+def gpu_memory_gb(configured: float | None, gpu_type: str | None = None) -> tuple[float, str]:
+    """The memory of one GPU and where the figure came from. A cluster profile that names its GPUs (SLURM GRES
+    type) runs on those, not on this machine's card: the default then, said with the type it may not fit."""
     if configured:
         return configured, "resources.gpu_memory_gb"
+    if gpu_type and "h100" in gpu_type.lower():
+        return DEFAULT_GPU_MEMORY_GB, f"H100 80GB: the profile's gpu_type {gpu_type!r}"
+    if gpu_type:
+        return DEFAULT_GPU_MEMORY_GB, (f"default (H100 80GB); the profile's gpu_type is {gpu_type!r}: set "
+                                       "resources.gpu_memory_gb to its memory")
     import torch
     if torch.cuda.is_available():
         return torch.cuda.get_device_properties(0).total_memory / 2**30, torch.cuda.get_device_name(0)

@@ -232,7 +232,8 @@ def gpu_memory_plan(ctx: SweepContext, units: list[Trial | FusedGroup]) -> tuple
     per_gpu = min(per_gpu, ctx.spec.max_concurrent or per_gpu, len(units))
     ranks = r.nodes * r.workers_per_node
     needs = sorted((trial_gpu_memory_bytes(u.members[0].config, len(u.members), ranks) for u in units), reverse=True)
-    capacity, source = gpu_memory_gb(r.gpu_memory_gb)
+    slurm = ctx.cluster.get("slurm")
+    capacity, source = gpu_memory_gb(r.gpu_memory_gb, slurm.get("gpu_type") if isinstance(slurm, dict) else None)
     return per_gpu, sum(needs[:per_gpu]), capacity, source
 
 

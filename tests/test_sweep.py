@@ -315,6 +315,16 @@ def test_dry_run_of_the_paper_depth_sweep_estimates_gpu_hours(capsys):
     assert 0.5 < hours < 20  # ~27 min for the five ResNets with CUDA graphs (gpu.md), x3 seeds, + plain nets
 
 
+def test_the_memory_check_of_a_profile_with_a_gpu_type_says_it_assumed_80_gb(capsys):
+    """The compute nodes' GPUs (the profile's GRES type), not this machine's card: an A100 profile was checked
+    against 80 GB without a word."""
+    assert orchestrate(["sweep", str(REPO / "sweeps" / "cifar_depth.yaml"), "--dry-run", "--backend", "slurm",
+                        "--set", "cluster=slurm-example", "resources.gpus=1",
+                        "--tracking-uri", "sqlite:////nonexistent/dir/m.db"]) == 0
+    assert ("of 80 GiB (default (H100 80GB); the profile's gpu_type is 'a100': set resources.gpu_memory_gb to its "
+            "memory)") in capsys.readouterr().out
+
+
 def test_a_dry_run_of_a_ray_sweep_does_not_import_ray(tmp_path):
     """A dry run is what a user re-runs while editing a sweep: importing Ray cost it ~2 s of ~15 s."""
     code = ("import sys; from orchestrator.cli import main; "
