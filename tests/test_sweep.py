@@ -571,6 +571,9 @@ def test_a_slurm_sweep_without_a_reachable_slurm_is_one_line(tmp_path, conf, mes
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
     assert "Traceback" not in out.stderr and not list(tmp_path.glob("runs/**/slurm/*/*"))
+    # refused before the plan is recorded (`status` listed the sweep with 4 trials "not started")
+    assert "pending" not in out.stdout, out.stdout
+    assert MlflowClient(f"sqlite:///{tmp_path}/mlruns.db").get_experiment_by_name("smoke") is None
 
 
 @pytest.mark.parametrize("address", ["auto", "127.0.0.1:1"])  # 127.0.0.1:1: Ray alone retries for 3 minutes

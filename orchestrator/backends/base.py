@@ -23,7 +23,8 @@ class Events(Protocol):
 
 class Backend(Protocol):
     """Optionally also ``start()`` (bring the engine up early, overlapping the store's creation) and ``stop()``
-    (take down what start() brought up): the sweep calls them when the backend has them (Ray)."""
+    (take down what start() brought up): the sweep calls them when the backend has them (Ray; SLURM's start
+    checks that the controller answers). start() comes before the sweep's plan is recorded: a refusal leaves none."""
     name: str
 
     def __init__(self, ctx: SweepContext): ...

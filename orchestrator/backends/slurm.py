@@ -214,8 +214,11 @@ class SlurmBackend:
         return make_executor(str(self.folder), parameters, self.python, int(self.profile.get("max_num_timeout", 3)))
 
     # -- running ----------------------------------------------------------------------------------------------
-    def run(self, trials: list[Trial], events: Events) -> None:
+    def start(self, say=print) -> None:
+        """A controller that does not answer refuses the sweep before its plan is recorded."""
         check_slurm_answers()
+
+    def run(self, trials: list[Trial], events: Events) -> None:
         self.refuse_if_still_queued(trials)
         self.folder.mkdir(parents=True, exist_ok=True)
         for trial in trials:
