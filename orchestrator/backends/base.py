@@ -7,7 +7,7 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 from ..trials import REPORTED_METRICS, FusedGroup, SweepContext, Trial
 
@@ -42,12 +42,18 @@ def metric_placeholders(final: dict[str, Any]) -> dict[str, float]:
     return {k: math.nan for k in REPORTED_METRICS if not isinstance(final.get(k), (int, float))}
 
 
-def sigterm_as_ctrl_c() -> None:
+def sigterm_as_ctrl_c(also: Callable[[], None] | None = None) -> None:
     """`kill`, `timeout`, a batch system ending the orchestrator's own job: the same orderly stop as Ctrl-C (SLURM
     jobs cancelled, trials marked interrupted), through whatever SIGINT handler runs then (Tune has its own).
-    Called again once Ray has started: ray.init puts in a handler of its own that aborts the driver."""
+    Called again once Ray has started: ray.init puts in a handler of its own that aborts the driver. ``also``
+    runs first, in the handler."""
+    def handler(*_):
+        if also:
+            also()
+        os.kill(os.getpid(), signal.SIGINT)
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+        signal.signal(signal.SIGTERM, handler)
 
 
 class ReportTail:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import launch
-from ..cli import UserError
+from ..cli import AFTER_INTERRUPT, UserError
 from ..mps import mps_daemon
 from ..trials import FusedGroup, SweepContext, Trial, fuse
 from .base import Events, ReportTail, metric_placeholders, sigterm_as_ctrl_c
@@ -215,7 +215,9 @@ class RayTuneBackend:
                 check_fits_this_machine(self.spec.resources, {"GPU": torch.cuda.device_count(), "CPU": os.cpu_count()},
                                         "this machine")
             if 0 < self.spec.resources.gpus < 1 and not self.address:
-                self._stack.enter_context(mps_daemon(say))  # first: the Ray workers started next inherit its pipe
+                mps = self._stack.enter_context(contextlib.ExitStack())  # its own, for a lost Ray to close
+                mps.enter_context(mps_daemon(say))  # first: the Ray workers started next inherit its pipe
+                ON_RAY_LOST.append(mps.close)
             self.start_ray()
             if not self.address:
                 import ray
@@ -227,6 +229,8 @@ class RayTuneBackend:
 
     def stop(self) -> None:
         if self._stack is not None:
+            RAY_STOPPING.set()
+            ON_RAY_LOST.clear()
             self._stack.close()
             self._stack = None
 
@@ -237,6 +241,9 @@ class RayTuneBackend:
         self.start(say)
         callback = EventsCallback(events, self.ctx)
         stopper = StopOnCtrlC(self.stop_file, callback, say)
+        if hasattr(events, "trials"):  # the sweep's view: it knows which trials were running
+            from ..sweep import mark_interrupted
+            ON_RAY_LOST.append(lambda: mark_interrupted(self.ctx, events, trials))
         try:
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": self.spec.resources.cpus, "gpu": self.spec.resources.gpus}),
@@ -311,9 +318,55 @@ def start_local_ray() -> None:
     # sweep's own and gone with it, so the warning is noise in every sweep's output.
     logging.getLogger("ray._private.authentication.authentication_token_setup").addFilter(
         lambda record: "Token authentication is enabled" not in record.getMessage())
+    RAY_STOPPING.clear()  # a sweep before this one in the same process took its own Ray down
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
              object_store_memory=int(os.environ.get("ORCHESTRATE_RAY_OBJECT_STORE", 256 * 2**20)))
-    sigterm_as_ctrl_c()
+    sigterm_as_ctrl_c(also=exit_if_ray_dies)
+
+
+RAY_STOPPING = threading.Event()  # set as the sweep takes its own Ray down: its processes' end is no news then
+ON_RAY_LOST: list = []  # what the sweep does before it ends on a lost Ray: mark its trials' runs, stop MPS
+
+
+def exit_if_ray_dies(within_s: float = 60.0) -> None:
+    """SIGTERM to the whole process group (`timeout`, `kill -- -PGID`, a service manager) reaches the local Ray's
+    processes too: its raylet ends, its GCS hangs, Tune waits 60 s for them and the driver aborts on Ray's C++
+    error. The trials got the signal as well: one that checkpointed first said so in its run. Once a Ray process
+    is gone, the rest of this sweep's Ray is ended, ON_RAY_LOST runs (the others' runs are marked interrupted, MPS
+    is stopped) and the sweep ends as Ctrl-C ends. Started from the SIGTERM handler; it watches in a thread."""
+    import psutil
+    ray_processes = [p for p in psutil.Process().children() if p.name() in ("gcs_server", "raylet")]
+
+    def alive(process) -> bool:
+        try:
+            return process.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    def watch():
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            gone = not all(alive(p) for p in ray_processes)
+            if RAY_STOPPING.is_set():  # checked after: the sweep sets it before it takes Ray down
+                return
+            if gone:
+                for process in ray_processes:
+                    with contextlib.suppress(psutil.Error):
+                        process.kill()
+                for hook in ON_RAY_LOST:
+                    try:
+                        hook()
+                    except Exception as err:  # the store gone too: the runs stay RUNNING, a re-run resumes them
+                        print(f"could not mark the interrupted trials' runs: {str(err).splitlines()[0][:200]}",
+                              file=sys.stderr)
+                print(f"orchestrate sweep: interrupted{AFTER_INTERRUPT['sweep']} (the signal reached the sweep's "
+                      "Ray too: it was sent to the whole process group)", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(130)
+            time.sleep(0.5)
+
+    if ray_processes:
+        threading.Thread(target=watch, daemon=True, name="exit-if-ray-dies").start()
 
 
 def check_fits_this_machine(resources, available: dict[str, float],
