@@ -16,7 +16,6 @@ it was logged with, and the store drops exact duplicates.
 from __future__ import annotations
 
 import csv
-import fcntl
 import hashlib
 import logging
 import os
@@ -30,6 +29,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .config import ConfigError, check_tracking_uri
+from .locks import taking_turns
 
 log = logging.getLogger(__name__)
 # "Creating initial MLflow database tables..." on every new store: noise in a user's terminal
@@ -83,8 +83,7 @@ def mlflow_client(uri: str):
     if path is None:
         return MlflowClient(tracking_uri=uri)
     key = hashlib.md5(str(path.resolve()).encode()).hexdigest()[:16]
-    with open(Path(tempfile.gettempdir()) / f"resnet-orchestrator-store-{key}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released as the file closes
+    with taking_turns(Path(tempfile.gettempdir()) / f"resnet-orchestrator-store-{key}.lock"):
         return MlflowClient(tracking_uri=uri)
 
 

@@ -7,8 +7,6 @@ Paper Sec. 4.2: the 45k/5k train/val split is `val_split: 5000` (seeded, class-s
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -25,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..locks import taking_turns
 from .config import DataConfig, DataError, SyntheticConfig
 
 LAYOUTS = ("'synthetic'", "a torchvision 'cifar-10-batches-py' folder (or its parent)",
@@ -137,7 +136,7 @@ def unpack_archive(archive: Path, cache_root: Path) -> Path:
     target = cache_root / f"{archive.name.split('.')[0]}-{archive_identity(archive)}"
     if _unpacked_ok(target, stat.st_size):
         return target
-    with _taking_turns(cache_root, target.name):
+    with taking_turns(cache_root / f".{target.name}.lock"):
         if _unpacked_ok(target, stat.st_size):  # another process unpacked it while we waited
             return target
         say_first_use(f"unpacking {archive} into {target}")
@@ -156,16 +155,6 @@ def unpack_archive(archive: Path, cache_root: Path) -> Path:
 def say_first_use(doing: str) -> None:
     """The first use of a dataset pauses for a while (CIFAR-10's JPEGs: ~1 min on 2 cores): say why."""
     print(f"data: {doing} (once: later runs reuse it)", file=sys.stderr, flush=True)
-
-
-@contextlib.contextmanager
-def _taking_turns(cache_root: Path, entry: str):
-    """Processes that need one cache entry (trials starting together, the ranks of one trial) take turns: the
-    first makes it, the others wait, then find it made. The lock is released when its file closes, also if the
-    process holding it dies."""
-    with open(cache_root / f".{entry}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
 
 
 def archive_identity(archive: Path, edge: int = 2**20) -> str:
@@ -363,7 +352,7 @@ def _decoded_cache(files: list[str], cache_root: Path, root: str, source: str) -
     cached = cache_root / f"decoded-{Path(root).name}-{source}-{key}.npy"
     if cached.is_file():
         return np.load(cached)
-    with _taking_turns(cache_root, cached.name):  # packed trials: one decodes (on every core), not each of them
+    with taking_turns(cache_root / f".{cached.name}.lock"):  # packed trials: one decodes (on every core), not each of them
         if cached.is_file():
             return np.load(cached)
         say_first_use(f"decoding the {len(files)} {source} images of {root} into {cached}")
