@@ -7,6 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from resnet_core.config import first_line
 from resnet_core.tracking import absolute_uri, check_store_usable, tracking_uri
 
 from .backends import get_backend
@@ -92,6 +93,7 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
         lines.append(f"warning: {err} (here; a real run stops on it)")
     lines += plan_warnings(ctx, trials, done, foreign)
     units = fuse(ctx, trials)
+    todo = [u.key for u in fuse(ctx, [t for t in trials if t.key in to_run])]  # what a run launches, in its order
     memory = gpu_memory_plan(ctx, units)
     if memory:
         per_gpu, need, capacity, source = memory
@@ -109,9 +111,9 @@ def dry_run(ctx: SweepContext, trials: list[Trial], retry_failed: bool = False) 
             state = done.get(trial.key, "new")
             lines.append(f"{'  ' if len(members) > 1 else ''}trial {trial.key}  {trial.label}  [{state}]  "
                          f"~{hours:.3f} GPU-h")
-        lines += ["    " + line for line in backend.describe(unit).splitlines()]
-    todo = sum(gpu_hours(t.config) for t in trials if t.key in to_run)
-    lines += ["", f"estimated GPU-hours: {total:.2f} in all, {todo:.2f} still to run "
+        lines += ["    " + line for line in backend.describe(unit, todo).splitlines()]
+    hours_to_run = sum(gpu_hours(t.config) for t in trials if t.key in to_run)
+    lines += ["", f"estimated GPU-hours: {total:.2f} in all, {hours_to_run:.2f} still to run "
                   f"(one GPU's rate, bf16: CIFAR nets at the H100's CUDA-graph rates, their eager and compile "
                   f"steps ~{EAGER_SLOWDOWN:.1f}x slower; ImageNet nets at a published A100 rate"
                   f"{'; fused members counted as separate trials, an upper bound' if len(units) < len(trials) else ''}"
@@ -291,7 +293,7 @@ def run_plan(ctx: SweepContext, trials: list[Trial], plan, backend, live: bool |
                 try:
                     mark_interrupted(ctx, progress, plan.to_run)
                 except Exception as err:  # the store gone too: the runs stay RUNNING, a re-run still resumes them
-                    progress.log(f"could not mark the interrupted trials' runs: {str(err).splitlines()[0][:200]}")
+                    progress.log(f"could not mark the interrupted trials' runs: {first_line(err, 200)}")
                 raise
             failed = {key: view.info.get("reason", "") for key, view in progress.trials.items() if view.state == "failed"}
             if failed:

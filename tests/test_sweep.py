@@ -92,25 +92,30 @@ def edited_base_is_announced(tmp_path: Path, spec: Path, capsys) -> None:
 
 
 def test_a_rerun_says_failed_trials_were_skipped_and_retry_failed_runs_them_in_their_run(tmp_path):
-    spec = smoke_spec(tmp_path, space={"optim.lr": [0.1, 1e30]})  # 1e30: the loss is NaN at once, FAILED
+    spec = smoke_spec(tmp_path, space={"optim.lr": [0.1, 1e30, 1e31]})  # 1e30: the loss is NaN at once, FAILED
     first = sweep(tmp_path, spec)
     output = first.communicate(timeout=400)[0]
-    assert first.returncode == 1 and "1 finished, 1 failed" in output, output[-3000:]
+    assert first.returncode == 1 and "1 finished, 2 failed" in output, output[-3000:]
     assert "failed   optim.lr=1e+30" in output and "reason=loss is nan at iteration" in output, output[-3000:]
-    (failed,) = [r for r in trial_runs(tmp_path, "smoke") if r.info.status == "FAILED"]
+    failed = {r.info.run_id for r in trial_runs(tmp_path, "smoke") if r.info.status == "FAILED"}
     again = sweep(tmp_path, spec)
     output = again.communicate(timeout=400)[0]
     assert again.returncode == 1 and "running" not in output, output[-3000:]  # not "done" with exit 0
-    assert "1 trial(s) failed in an earlier run and are skipped; --retry-failed runs them again" in output
+    assert "2 trial(s) failed in an earlier run and are skipped; --retry-failed runs them again" in output
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"}
     for flags, state in (((), "[failed (skipped)]"), (("--retry-failed",), "[retry]")):
         dry = subprocess.run([BIN / "orchestrate", "sweep", spec, "--dry-run", *flags], cwd=tmp_path, text=True,
-                             capture_output=True, env={**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlruns.db"})
-        assert dry.returncode == 0 and dry.stdout.count(state) == 1 and dry.stdout.count("[finished]") == 1, dry.stdout
+                             capture_output=True, env=env)
+        assert dry.returncode == 0 and dry.stdout.count(state) == 2 and dry.stdout.count("[finished]") == 1, dry.stdout
+    # on SLURM the two retried trials are one array of two tasks (the dry run sized it without --retry-failed)
+    dry = subprocess.run([BIN / "orchestrate", "sweep", spec, "--dry-run", "--retry-failed", "--backend", "slurm"],
+                         cwd=tmp_path, text=True, capture_output=True, env=env)
+    assert dry.returncode == 0 and "array task 1 of 2" in dry.stdout and "#SBATCH --array=0-1" in dry.stdout, dry.stdout
     retry = sweep(tmp_path, spec, "--retry-failed")
     output = retry.communicate(timeout=400)[0]
     assert retry.returncode == 1 and "running  optim.lr=1e+30" in output, output[-3000:]
     runs = trial_runs(tmp_path, "smoke")
-    assert len(runs) == 2 and failed.info.run_id in {r.info.run_id for r in runs}  # the same run, again
+    assert len(runs) == 3 and failed <= {r.info.run_id for r in runs}  # the same runs, again
 
 
 def test_a_trial_that_fails_before_its_run_opens_is_recorded_failed_with_its_error_in_one_line(tmp_path):

@@ -94,7 +94,7 @@ def rendered_scripts(tmp_path: Path) -> dict[str, str]:
                                        resources={"nodes": 2, "gpus": 4, "cpus": 32, "memory_gb": 200,
                                                   "time_limit": "1-12:00:00"})
     return {"single": single.describe(trials[0]), "array": array.script(None, 4),
-            "multinode": site.describe(site_trials[0])}
+            "multinode": site.describe(site_trials[0], todo=[t.key for t in site_trials])}
 
 
 def test_sbatch_scripts_match_golden(tmp_path):
@@ -104,6 +104,13 @@ def test_sbatch_scripts_match_golden(tmp_path):
             path.write_text(text)
         assert text == path.read_text(), (f"the sbatch script {name!r} changed; review, then regenerate with "
                                           "UPDATE_GOLDEN=1 pytest tests/test_sweep_slurm.py -k golden")
+
+
+def test_a_slurm_command_that_does_not_answer_in_time_reads_as_a_failed_call_that_says_so():
+    """A slow sacct in the monitor loop was a TimeoutExpired traceback, and the sweep cancelled every job on it."""
+    from orchestrator.backends.slurm import slurm_command
+    run = slurm_command("sleep", "5", timeout=1)
+    assert (run.returncode, run.stdout, run.stderr) == (124, "", "sleep: no answer within 1 s")
 
 
 def test_hostile_names_and_folders_stay_single_words(tmp_path):
@@ -222,11 +229,11 @@ def test_weird_names_and_a_trial_across_both_nodes(slurm_cluster, tmp_path):
     assert not (tmp_path / "pwned").exists() and not (tmp_path / WEIRD_DIR / "pwned").exists()
 
 
-def one_long_trial(tmp_path: Path, total: int) -> tuple[Path, str]:
+def one_long_trial(tmp_path: Path, total: int, **changes) -> tuple[Path, str]:
     """smoke.yaml as one trial long enough to interrupt: a point every 3 iterations, a checkpoint every 6."""
     spec = spec_file(tmp_path, space={"optim.lr": [0.1]}, base={**yaml.safe_load(SMOKE.read_text())["base"],
                      "schedule": {"total": total, "milestones": [total * 5 // 6]}, "tracking": {"log_every": 3},
-                     "checkpoint": {"every": 6}})
+                     "checkpoint": {"every": 6}}, **changes)
     return spec, f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
@@ -304,6 +311,19 @@ def test_ctrl_c_names_the_checkpoint_its_jobs_write_as_they_stop(slurm_cluster, 
     newest = max(int(p.name[5:14]) for p in (tmp_path / "out" / "checkpoints").glob("*/ckpt-*.pt"))
     assert int(stopped.group(1)) == newest  # the one written as it stopped
     assert reason in " ".join(out.split()), out[-3000:]  # what the sweep said, too
+
+
+def test_ctrl_c_under_asha_cancels_the_jobs_it_submitted(slurm_cluster, tmp_path):
+    """Under ASHA, Tune answers Ctrl-C by ending fit() without a trial callback: the jobs trained on into runs the
+    sweep had marked interrupted, and a re-run was refused while they ran."""
+    spec, uri = one_long_trial(tmp_path, 600, scheduler={"asha": {"metric": "val_loss", "grace_period": 1}})
+    proc, _, first = start_until_epoch_2(slurm_cluster, tmp_path, spec, uri)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, out[-3000:]
+    assert sacct_job(slurm_cluster, first_job_id(tmp_path / "out"))["State"].split()[0] == "CANCELLED", out[-3000:]
+    run, = runs(uri, "smoke")
+    assert run.info.status == "KILLED" and run.data.tags["status_reason"].startswith("interrupted"), run.data.tags
 
 
 def test_asha_stops_a_trial_and_cancels_its_job(slurm_cluster, tmp_path):

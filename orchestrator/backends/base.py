@@ -29,8 +29,9 @@ class Backend(Protocol):
 
     def __init__(self, ctx: SweepContext): ...
 
-    def describe(self, trial: Trial | FusedGroup) -> str:
-        """The exact command (or batch script) the backend would launch for this trial or fused group."""
+    def describe(self, trial: Trial | FusedGroup, todo: list[str] = ()) -> str:
+        """The exact command (or batch script) the backend would launch for this trial or fused group; ``todo``:
+        the keys of what a run would launch now, in its order (a SLURM array's task indices)."""
 
     def run(self, trials: list[Trial], events: Events) -> None:
         """Run the trials to completion (or early stop), reporting each state change."""

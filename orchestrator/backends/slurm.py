@@ -137,7 +137,6 @@ class SlurmBackend:
         self.poll_s = float(self.profile.get("poll_s", 2.0))
         check_folder(self.folder)
         sbatch_parameters(ctx, "check")  # refuse what SLURM cannot run before anything is submitted or logged
-        self._dry_plan: list[str] | None = None
 
     # -- what is submitted ----------------------------------------------------------------------------------
     @property
@@ -181,34 +180,20 @@ class SlurmBackend:
             params["map_count"] = array_size
         return _make_sbatch_string(command=self.command(), folder=self.folder, **params)
 
-    def describe(self, trial: Trial | FusedGroup) -> str:
+    def describe(self, trial: Trial | FusedGroup, todo: list[str] = ()) -> str:
         r = self.spec.resources
         ranks = r.nodes * r.workers_per_node
         call = (f"resnet_core.fused.train_fused(<{len(trial.members)} trial configs>)"
                 if isinstance(trial, FusedGroup) else "resnet_core.train.train(<trial config>)")
         head = (f"SLURM job: {r.nodes} node(s) x {r.workers_per_node} task(s), one rank per task "
                 f"(world size {ranks}); each task runs orchestrator.backends.slurm_job.SlurmTrial -> {call}")
-        if self.use_array:
-            todo = self.trials_to_run()
-            if trial.key in todo and len(todo) > 1:
-                index = todo.index(trial.key)
-                where = f"{head}; array task {index} of {len(todo)}, SLURM_ARRAY_TASK_ID={index}"
-                if index:
-                    return f"{where} (the grid's one sbatch script is printed with array task 0)"
-                return "\n".join([f"{where}; the grid's one sbatch script:", self.script(None, len(todo))])
+        if self.use_array and trial.key in todo and len(todo) > 1:
+            index = todo.index(trial.key)
+            where = f"{head}; array task {index} of {len(todo)}, SLURM_ARRAY_TASK_ID={index}"
+            if index:
+                return f"{where} (the grid's one sbatch script is printed with array task 0)"
+            return "\n".join([f"{where}; the grid's one sbatch script:", self.script(None, len(todo))])
         return "\n".join([f"{head}:", self.script(trial)])
-
-    def trials_to_run(self) -> list[str]:
-        """Keys of the jobs a run would submit now (trials, or fused groups; for the array size a dry run shows):
-        the plan of the sweep's record."""
-        if self._dry_plan is None:
-            from ..sweep import store_exists
-            from ..trials import expand
-            trials = expand(self.ctx, check_data=False)  # dry runs only: dry_run() reports missing data
-            if store_exists(self.ctx.tracking_uri):
-                trials = Ledger(self.ctx.tracking_uri, self.spec.name, create=False).plan(trials).to_run
-            self._dry_plan = [u.key for u in fuse(self.ctx, trials)]
-        return self._dry_plan
 
     def executor(self, parameters: dict[str, Any]):
         return make_executor(str(self.folder), parameters, self.python, int(self.profile.get("max_num_timeout", 3)))
@@ -234,16 +219,7 @@ class SlurmBackend:
         try:
             self.monitor(watch, events)
         except BaseException:
-            # The orchestrator owns its jobs: interrupted (Ctrl-C), it cancels them; the workers checkpoint on
-            # SIGTERM, and the next run resumes them. Left running, a re-run would start a second job per trial.
-            for job, _ in watch.values():
-                cancel(job.job_id)
-            # Until they have (a few seconds): the sweep then reports the iteration each resumes from, not the
-            # periodic checkpoint before it. A second Ctrl-C stops waiting.
-            deadline = time.monotonic() + STOP_GRACE_S
-            with contextlib.suppress(KeyboardInterrupt):
-                for job, _ in watch.values():
-                    wait_gone(job.job_id, timeout=max(0.0, deadline - time.monotonic()))
+            stop_jobs([job.job_id for job, _ in watch.values()])
             raise
 
     def monitor(self, watch: dict[str, tuple[Any, "ReportTail"]], events: Events) -> None:
@@ -339,6 +315,10 @@ class SlurmBackend:
             tuner.fit()
         finally:
             stop.set()
+            # Tune answers Ctrl-C by ending fit() and its relays without a trial callback: their jobs still run
+            submitted = sorted(callback.jobs | set(self.waiting_jobs().values()))
+            queue = queue_states(submitted) if submitted else {}
+            stop_jobs([job for job in submitted if queue is None or job in queue])
             callback.join()
             ray.shutdown()
         if callback.refused:  # every trial's job has the same sbatch options: one line, as without ASHA
@@ -350,8 +330,7 @@ class SlurmBackend:
         (it said "running" from the moment the relay started, however long the job waited)."""
         shown: dict[str, tuple[str, str]] = {}
         while not stop.wait(self.poll_s):
-            waiting = {path.stem: job for path in (self.ctx.output / "reports").glob("*.job")
-                       if (job := read_if_there(path))}
+            waiting = self.waiting_jobs()
             queue = (queue_states(list(waiting.values())) if waiting else None) or {}
             for key, job_id in waiting.items():
                 state, why = queue.get(job_id, ("", ""))
@@ -361,6 +340,10 @@ class SlurmBackend:
                         events.update(key, "pending", queued=queued_line(job_id, why))
                     else:
                         events.update(key, "running", slurm_job_id=job_id)
+
+    def waiting_jobs(self) -> dict[str, str]:
+        """Trial key -> the job its ASHA relay submitted, until the worker's first report."""
+        return {path.stem: job for path in (self.ctx.output / "reports").glob("*.job") if (job := read_if_there(path))}
 
 
 def read_if_there(path: Path) -> str:
@@ -445,10 +428,18 @@ def result_settled(job, over_since: float) -> bool:
     return True
 
 
+def slurm_command(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """A SLURM client command; a controller that does not answer in time reads as a failed call that says so
+    (a slow sacct in the monitor loop was a traceback, and the sweep cancelled every job on it)."""
+    try:
+        return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(args, 124, "", f"{args[0]}: no answer within {timeout:.0f} s")
+
+
 def queued_jobs() -> dict[str, tuple[str, str]]:
     """Every job SLURM still runs or will run, one line per array task: id -> (job name, batch script path)."""
-    out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T|%j|%o"], capture_output=True, text=True,
-                         timeout=60).stdout
+    out = slurm_command("squeue", "-h", "-r", "-o", "%i|%T|%j|%o").stdout
     rows = [line.split("|", 3) for line in out.splitlines() if line.count("|") >= 3]
     return {job: (name, command) for job, state, name, command in rows if state in LIVE_STATES}
 
@@ -457,11 +448,7 @@ def queue_states(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
     """squeue's state and reason (Priority, Resources, QOSMaxJobsPerUserLimit, ...) of these jobs, in one call,
     one entry per array task; None when squeue does not answer. Jobs that have ended are not listed."""
     ids = ",".join(sorted({str(job).split("_")[0] for job in job_ids}))
-    try:
-        out = subprocess.run(["squeue", "-h", "-r", f"--jobs={ids}", "-o", "%i|%T|%r"], capture_output=True,
-                             text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        return None
+    out = slurm_command("squeue", "-h", "-r", f"--jobs={ids}", "-o", "%i|%T|%r")
     if out.returncode != 0:  # squeue fails when none of the ids is known any more
         return {} if "Invalid job id" in out.stderr else None
     rows = [line.split("|", 2) for line in out.stdout.splitlines() if line.count("|") >= 2]
@@ -511,8 +498,7 @@ def final_state(job, timeout: float = 60.0) -> tuple[str, int | None]:
     its result before the job ends), and only sacct has the exit code."""
     end = time.monotonic() + timeout
     while True:
-        run = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job.job_id, "-o", "State,ExitCode"],
-                             capture_output=True, text=True, timeout=60)
+        run = slurm_command("sacct", "-n", "-X", "-P", "-j", job.job_id, "-o", "State,ExitCode")
         if run.returncode != 0:  # "Slurm accounting storage is disabled": no later call answers either
             said = last_line(run.stderr, run.returncode)
             return stderr_end(job.stderr() or "", f"left the queue, its end unknown: sacct: {said}")
@@ -541,7 +527,7 @@ def stderr_end(text: str, unknown: str) -> tuple[str, int | None]:
 
 def sacct_error() -> str | None:
     """None when sacct answers; else what it says instead (a cluster without accounting, on every call)."""
-    run = subprocess.run(["sacct", "-n", "-X", "-j", "1", "-o", "JobID"], capture_output=True, text=True, timeout=60)
+    run = slurm_command("sacct", "-n", "-X", "-j", "1", "-o", "JobID")
     return None if run.returncode == 0 else last_line(run.stderr, run.returncode)
 
 
@@ -559,7 +545,7 @@ def check_slurm_answers() -> None:
     if conf and not Path(conf).is_file():  # else sinfo retries for a minute
         raise SpecError(f"backend slurm: SLURM_CONF={conf} is not a file")
     try:
-        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=60)
+        out = slurm_command("sinfo", "-h", "-o", "%P")
     except FileNotFoundError:
         raise SpecError("backend slurm: sinfo is not on PATH (not a SLURM login node?); try --backend ray") from None
     if out.returncode != 0:
@@ -568,17 +554,31 @@ def check_slurm_answers() -> None:
                         "'eval \"$(cluster/local-slurm/up)\"' first: it exports SLURM_CONF")
 
 
+def stop_jobs(job_ids: list[str]) -> None:
+    """The orchestrator owns its jobs: interrupted (Ctrl-C), it cancels them; the workers checkpoint on SIGTERM,
+    and the next run resumes them. Left running, a re-run would start a second job per trial. It waits until they
+    have (a few seconds): the sweep then reports the iteration each resumes from, not the periodic checkpoint
+    before it. A second Ctrl-C stops waiting."""
+    for job_id in job_ids:
+        cancel(job_id)
+    deadline = time.monotonic() + STOP_GRACE_S
+    with contextlib.suppress(KeyboardInterrupt):
+        for job_id in job_ids:
+            wait_gone(job_id, timeout=max(0.0, deadline - time.monotonic()))
+
+
 def cancel(job_id: str) -> None:
-    subprocess.run(["scancel", str(job_id)], capture_output=True, timeout=60)
+    slurm_command("scancel", str(job_id))
 
 
 def wait_gone(job_id: str, timeout: float = 120.0) -> None:
-    """Until the controller no longer lists the job (its tasks have exited)."""
+    """Until the controller lists none of the job's tasks as live (they have exited; a timeout, a failed node or
+    an out-of-memory end counts too). A squeue that does not answer is no answer: it waits on."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True,
-                             timeout=60).stdout.split()
-        if not out or all(s in ("COMPLETED", "CANCELLED", "FAILED", "TIMEOUT") for s in out):
+        queue = queue_states([job_id])
+        if queue is not None and not any(state in LIVE_STATES for task, (state, _) in queue.items()
+                                         if task == job_id or task.startswith(f"{job_id}_")):
             return
         time.sleep(1.0)
 
@@ -660,12 +660,15 @@ def events_callback_class():
             super().__init__(events, ctx)
             self.stoppers: list[threading.Thread] = []
             self.refused: str | None = None  # what sbatch said when it refused a trial's job
+            self.jobs: set[str] = set()  # every job a relay reported: Ctrl-C cancels those still live
 
         def __getstate__(self):
-            return {**super().__getstate__(), "stoppers": [], "refused": None}
+            return {**super().__getstate__(), "stoppers": [], "refused": None, "jobs": set()}
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
             self.refused = self.refused or result.get("sbatch_refused")
+            if result.get("slurm_job_id"):
+                self.jobs.add(str(result["slurm_job_id"]))
             super().on_trial_result(iteration, trials, trial, result, **info)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
