@@ -24,7 +24,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from resnet_core.config import NON_RESULT_FIELDS
+from resnet_core.config import non_result_fields
 
 from orchestrator.cli import UserError
 from orchestrator.runs import (BrokenRun, ModelInfo, family_of, finished_trials, metric_history, model_info, run_label,
@@ -49,21 +49,25 @@ def is_plain(family: str) -> bool:
 
 
 # Params that differ between trials without making them different experiments: the seed (a cell's repeats), what
-# a cell's family and depth already say (runs.family_of), where a trial keeps its checkpoints and metrics. Any other
-# model setting (model.zero_init_residual) is a variant.
-NOT_A_VARIANT = ("seed", "model.name", "model.depth", "model.shortcut", "model.plain", "model.unit",
-                 "model.bottleneck",  # and what no result depends on (left out of the trial key too):
-                 *(f"{section}.{key}" for section, keys in NON_RESULT_FIELDS.items()  # "checkpoint.", "eval.batch_size"
-                   for key in ([""] if keys is True else sorted(keys))))
+# a cell's family and depth already say (runs.family_of), and what no result depends on (config.non_result_fields:
+# where a trial keeps its checkpoints and metrics). Any other model setting (model.zero_init_residual) is a variant.
+MODEL_CELL = ("seed", "model.name", "model.depth", "model.shortcut", "model.plain", "model.unit", "model.bottleneck")
+
+
+def not_a_variant(runs) -> tuple[str, ...]:
+    """The param prefixes that make no variant ("checkpoint.", "eval.batch_size", ...) for these runs."""
+    warmup_on_error = any(r.data.params.get("schedule.warmup.until_train_error", "None") != "None" for r in runs)
+    fields = non_result_fields(warmup_on_error)
+    return MODEL_CELL + tuple(f"{section}.{key}" for section, keys in fields.items()
+                              for key in ([""] if keys is True else sorted(keys)))
 
 
 def variants(runs) -> dict[str, dict[str, str]]:
     """run id -> the settings that vary across the sweep's trials other than model and seed ({} if none): trials
     that differ in lr are separate cells of the table, not seeds of one. Exact values: two sampled learning
     rates that agree to 4 digits are still two experiments."""
-    keys = set().union(*(r.data.params for r in runs))
-    varying = sorted(k for k in keys if not k.startswith(NOT_A_VARIANT)
-                     and len({r.data.params.get(k) for r in runs}) > 1)
+    keys, skip = set().union(*(r.data.params for r in runs)), not_a_variant(runs)
+    varying = sorted(k for k in keys if not k.startswith(skip) and len({r.data.params.get(k) for r in runs}) > 1)
     return {r.info.run_id: {k: r.data.params.get(k, "-") for k in varying} for r in runs}
 
 

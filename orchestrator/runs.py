@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.cli import UserError
+from resnet_core.config import first_line
 
 TRIAL_FILTER = "tags.kind = 'trial'"
 
@@ -224,7 +225,7 @@ def download(client, run_id: str, name: str, folder: Path) -> Path:
         if moved:
             folder.mkdir(parents=True, exist_ok=True)
             return Path(shutil.copy2(moved, folder / moved.name))
-        raise BrokenRun(run_id, f"cannot fetch artifact {name} ({type(err).__name__}: {_first_line(err)})") from None
+        raise BrokenRun(run_id, f"cannot fetch artifact {name} ({type(err).__name__}: {first_line(err)})") from None
 
 
 def moved_artifact(client, run_id: str, name: str) -> Path | None:
@@ -245,7 +246,7 @@ def load_config(client, run_id: str, folder: Path | None = None):
         try:
             return build_config(yaml.safe_load(path.read_text()))
         except Exception as err:
-            raise BrokenRun(run_id, f"config.yaml is not a valid trial config ({_first_line(err)})") from None
+            raise BrokenRun(run_id, f"config.yaml is not a valid trial config ({first_line(err)})") from None
 
 
 def load_model(client, run_id: str, device="cpu"):
@@ -259,10 +260,5 @@ def load_model(client, run_id: str, device="cpu"):
             model = create_model(saved["model_name"], num_classes=saved["num_classes"], **saved["model_overrides"])
             model.load_state_dict(saved["state_dict"])
         except Exception as err:  # truncated zip, pickle refused, wrong keys/shapes: all mean "corrupt"
-            raise BrokenRun(run_id, f"model.pt is corrupt ({type(err).__name__}: {_first_line(err)})") from None
+            raise BrokenRun(run_id, f"model.pt is corrupt ({type(err).__name__}: {first_line(err)})") from None
     return model.to(device).eval()
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else "no message"

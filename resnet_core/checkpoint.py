@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .config import first_line
+
 log = logging.getLogger(__name__)
 NAME = re.compile(r"^ckpt-(\d{9})-([0-9a-f]{16})\.pt$")
 
@@ -129,7 +131,7 @@ def read(path: Path, map_location) -> dict | None:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001  UnpicklingError, RuntimeError, EOFError: all mean "not loadable"
-        log.warning("checkpoint %s does not load (%s: %s)", path, type(err).__name__, str(err).splitlines()[0][:200])
+        log.warning("checkpoint %s does not load (%s: %s)", path, type(err).__name__, first_line(err, 200))
         return None
     if not isinstance(state, dict) or not all(key in state for key in REQUIRED_KEYS):
         log.warning("checkpoint %s lacks the keys a resume needs (%s)", path, ", ".join(REQUIRED_KEYS))

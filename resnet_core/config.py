@@ -27,6 +27,12 @@ class ConfigError(ValueError):
     """A config that cannot run; the message is one line naming the key."""
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An error's first line, for a one-line message (an error without a message has no first line to index)."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else f"{type(err).__name__}, no message"
+
+
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -219,18 +225,18 @@ def meta_model(model: ModelConfig) -> torch.nn.Module:
         return create_model(model.name, **model.overrides())
 
 
-# Fields that do not change what a trial computes: excluded from its key, so re-running with another log
-# interval or checkpoint folder finds the same trial (trial_key keeps log_every where a warm-up depends on it).
-NON_RESULT_FIELDS = {"checkpoint": True, "tracking": True, "eval": {"batch_size"},
-                     "data": {"num_workers", "cache_dir", "download"}}
+def non_result_fields(warmup_ends_on_train_error: bool) -> dict[str, Any]:
+    """Fields that do not change what a trial computes: left out of its key (re-running with another log interval
+    or checkpoint folder finds the same trial), of its fusion key, and of the report's variants. A warm-up that
+    ends on the train error ends at a logging step, on the window just logged: there log_every changes the result
+    (10 instead of 2 kept a tiny run at the warm-up lr to its end)."""
+    tracking = set(TrackingConfig.model_fields) - {"log_every"} if warmup_ends_on_train_error else True
+    return {"checkpoint": True, "tracking": tracking, "eval": {"batch_size"},  # (True: keys as they always were)
+            "data": {"num_workers", "cache_dir", "download"}}
 
 
 def trial_key(cfg: TrainConfig) -> str:
-    exclude = NON_RESULT_FIELDS
-    if cfg.schedule.warmup.until_train_error is not None:
-        # that warm-up ends at a logging step, on the train error of the window just logged: there, log_every
-        # changes the result (10 instead of 2 kept a tiny run at the warm-up lr to its end)
-        exclude = {**NON_RESULT_FIELDS, "tracking": set(TrackingConfig.model_fields) - {"log_every"}}
+    exclude = non_result_fields(cfg.schedule.warmup.until_train_error is not None)
     payload = cfg.model_dump(mode="json", exclude=exclude)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from . import checkpoint
-from .config import NON_RESULT_FIELDS, ConfigError, TrainConfig, build_config, trial_key
+from .config import ConfigError, TrainConfig, build_config, non_result_fields, trial_key
 from .data import build_loader
 from .distributed import DistEnv
 from .models import create_model
@@ -43,13 +43,14 @@ from .train import (Interrupted, Report, announce_start, epoch_evaluation_due, l
 
 # What may differ between the members of one fused group: everything else must be equal.
 FUSABLE_KEYS = ("seed", "optim.lr", "optim.weight_decay")
-# the group has one of each (the first member's was used for all, unannounced); no result depends on them but
-# log_every under a warm-up that ends on the train error, where it is part of the trial key too
+# the group has one of each (the first member's was used for all, unannounced); no result depends on them (where
+# log_every does, under a warm-up that ends on the train error, it is part of the fusion key: never one group)
 GROUP_SETTINGS = ("checkpoint.every", "checkpoint.resume", "tracking.log_every", "eval.batch_size")
 
 
 def _without_fusable(cfg: TrainConfig) -> dict[str, Any]:
-    payload = cfg.model_dump(mode="json", exclude=NON_RESULT_FIELDS)
+    exclude = non_result_fields(cfg.schedule.warmup.until_train_error is not None)  # a member's own log_every
+    payload = cfg.model_dump(mode="json", exclude=exclude)
     payload.pop("seed")
     payload["optim"].pop("lr")
     payload["optim"].pop("weight_decay")

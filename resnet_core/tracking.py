@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .config import ConfigError, check_tracking_uri
+from .config import ConfigError, check_tracking_uri, first_line
 from .locks import taking_turns
 
 log = logging.getLogger(__name__)
@@ -264,7 +264,7 @@ class Tracker:
                 if not is_transient(err):
                     raise
                 log.warning("tracking store unavailable, %d points kept for the next try: %s",
-                            len(self._buffer), str(err).splitlines()[0][:300])
+                            len(self._buffer), first_line(err))
                 return False
             del self._buffer[:len(batch)]
         return True

@@ -218,6 +218,11 @@ def test_only_fusable_differences_are_accepted():
         check_fusable([a, sparse])
     with pytest.raises(ConfigError, match="^dist.engine:"):
         check_fusable([build_config({"dist": {"engine": "deepspeed"}})])
+    # under a warm-up that ends on the train error log_every changes the result: never one group (it was refused)
+    warm = {"model": {"name": "resnet_cifar", "depth": 8}, "schedule": {"warmup": {"kind": "constant", "lr": 0.01,
+                                                                                    "until_train_error": 0.8}}}
+    assert fusion_key(build_config({**warm, "tracking": {"log_every": 50}})) != fusion_key(build_config(warm))
+    assert fusion_key(build_config({**warm, "tracking": {"run_name": "x"}})) == fusion_key(build_config(warm))
 
 
 def test_fused_members_log_a_top5_error_with_more_than_ten_classes_as_alone(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.cli import main
-from orchestrator.report import FILES, mean_curve
+from orchestrator.report import FILES, mean_curve, variants
 from resnet_core.models import count_parameters, create_model
 
 from sweep_runs import smoke_sweep, trial_config  # noqa: F401  (the fixture)
@@ -311,3 +311,17 @@ def test_a_curve_of_one_logged_point_is_a_dot_and_is_said(tmp_path, monkeypatch)
                 tmp_path / "d.png", "short", said.append)
     assert said == ["d.png: ResNet-8 [optim.lr=0.1]'s train_error has 1 logged point(s), no curve; its run went on "
                     "from a checkpoint written with another store (tag resumed_from_run): the curve is in that run"]
+
+
+def test_log_every_is_a_variant_only_where_a_warm_up_ends_on_the_train_error():
+    """There it changes the result (it is part of the trial key): such runs were averaged as seeds of one cell."""
+    from mlflow.entities import Param, Run, RunData, RunInfo
+
+    def run(run_id: str, **params) -> Run:
+        info = RunInfo(run_id, "0", "u", "FINISHED", 0, 1, "active")
+        return Run(info, RunData(params=[Param(k, str(v)) for k, v in params.items()]))
+    for until, varies in (("0.8", True), ("None", False)):
+        runs = [run(str(every), **{"schedule.warmup.until_train_error": until, "tracking.log_every": every,
+                                   "checkpoint.every": every, "seed": every}) for every in (2, 10)]
+        assert variants(runs) == ({"2": {"tracking.log_every": "2"}, "10": {"tracking.log_every": "10"}} if varies
+                                  else {"2": {}, "10": {}}), until

@@ -17,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from resnet_core import checkpoint
-from resnet_core.config import ConfigError, build_config, trial_key
+from resnet_core.config import ConfigError, build_config, first_line, trial_key
 from resnet_core.train import Interrupted, train
 
 from conftest import SHARED
@@ -397,6 +397,13 @@ def test_a_bad_key_is_blamed_on_the_set_or_the_file_that_wrote_it(tmp_path):
     said = subprocess.run([BIN / "orchestrate", "train", cfg_path], capture_output=True, text=True,
                           cwd=tmp_path).stderr
     assert said.startswith(f"orchestrate train: error: {cfg_path}: modle: unknown key"), said
+
+
+def test_an_error_without_a_message_still_has_a_first_line():
+    """str(err).splitlines()[0] raised IndexError on such an error: in the lost-Ray watcher it killed the thread
+    that ends the sweep, and the sweep hung."""
+    assert first_line(RuntimeError()) == "RuntimeError, no message"
+    assert first_line(ValueError("  one\ntwo")) == "one" and first_line(ValueError("x" * 500), 200) == "x" * 200
 
 
 @pytest.mark.parametrize("sets, said", [

@@ -21,13 +21,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from resnet_core.config import first_line
+from resnet_core.train import REPORT_FILE_ENV, Interrupted  # the worker defines the channel
+
 from .. import launch
 from ..cli import AFTER_INTERRUPT, UserError
 from ..mps import mps_daemon
 from ..trials import FusedGroup, SweepContext, Trial, fuse
-from .base import Events, ReportTail, metric_placeholders, sigterm_as_ctrl_c
-
-from resnet_core.train import REPORT_FILE_ENV, Interrupted  # noqa: E402  (the worker defines the channel)
+from .base import STOP_GRACE_S, Events, ReportTail, metric_placeholders, sigterm_as_ctrl_c
 
 
 
@@ -157,19 +158,25 @@ def run_child(cfg_dict: dict, launcher: str, workers: int, stop: threading.Event
         child = subprocess.Popen(child_command(launcher, str(config_path), workers), env=env,
                                  preexec_fn=_die_with_parent)
         tail, final, terminated = ReportTail(reports), None, False  # (a half-written last line failed json.loads)
-        while True:
-            done = child.poll() is not None
-            if stop.is_set() and not done and not terminated:
+        try:
+            while True:
+                done = child.poll() is not None
+                if stop.is_set() and not done and not terminated:
+                    child.terminate()
+                    terminated = True
+                for record in tail.read():
+                    if "status" in record:  # its result: run_trial reports it, as the in-process path's
+                        final = record
+                    else:
+                        report_to_tune(record)
+                if done:
+                    break
+                time.sleep(1.0)
+        finally:
+            if child.poll() is None:  # an error in the relay (Tune's report): its ranks checkpoint and end
                 child.terminate()
-                terminated = True
-            for record in tail.read():
-                if "status" in record:  # its result: run_trial reports it, as the in-process path's
-                    final = record
-                else:
-                    report_to_tune(record)
-            if done:
-                break
-            time.sleep(1.0)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    child.wait(timeout=STOP_GRACE_S)
         if final is None and stop.is_set():  # it checkpointed and exited 3 (Interrupted), with no result
             raise Interrupted(f"{launcher} exited with {child.returncode} after SIGTERM, which its ranks answer with a "
                               "checkpoint")
@@ -194,7 +201,7 @@ class RayTuneBackend:
         self._stack: contextlib.ExitStack | None = None
         self.stop_file = ctx.output / ".stop-trials"  # see tune_events.StopOnCtrlC
 
-    def describe(self, trial: Trial | FusedGroup) -> str:
+    def describe(self, trial: Trial | FusedGroup, todo: list[str] = ()) -> str:
         r = self.spec.resources
         where = f"Ray {'at ' + self.address if self.address else 'local'}: {{cpu: {r.cpus}, gpu: {r.gpus}}}"
         if isinstance(trial, FusedGroup):
@@ -217,7 +224,7 @@ class RayTuneBackend:
             if 0 < self.spec.resources.gpus < 1 and not self.address:
                 mps = self._stack.enter_context(contextlib.ExitStack())  # its own, for a lost Ray to close
                 mps.enter_context(mps_daemon(say))  # first: the Ray workers started next inherit its pipe
-                ON_RAY_LOST.append(mps.close)
+                ON_RAY_LOST.append(("stop the MPS daemon", mps.close))
             self.start_ray()
             if not self.address:
                 import ray
@@ -243,7 +250,8 @@ class RayTuneBackend:
         stopper = StopOnCtrlC(self.stop_file, callback, say)
         if hasattr(events, "trials"):  # the sweep's view: it knows which trials were running
             from ..sweep import mark_interrupted
-            ON_RAY_LOST.append(lambda: mark_interrupted(self.ctx, events, trials))
+            ON_RAY_LOST.append(("mark the interrupted trials' runs",
+                                lambda: mark_interrupted(self.ctx, events, trials)))
         try:
             tuner = tune.Tuner(
                 tune.with_resources(run_trial, {"cpu": self.spec.resources.cpus, "gpu": self.spec.resources.gpus}),
@@ -325,7 +333,7 @@ def start_local_ray() -> None:
 
 
 RAY_STOPPING = threading.Event()  # set as the sweep takes its own Ray down: its processes' end is no news then
-ON_RAY_LOST: list = []  # what the sweep does before it ends on a lost Ray: mark its trials' runs, stop MPS
+ON_RAY_LOST: list = []  # (what, how): the sweep's last steps on a lost Ray: mark its trials' runs, stop MPS
 
 
 def exit_if_ray_dies(within_s: float = 60.0) -> None:
@@ -353,11 +361,11 @@ def exit_if_ray_dies(within_s: float = 60.0) -> None:
                 for process in ray_processes:
                     with contextlib.suppress(psutil.Error):
                         process.kill()
-                for hook in ON_RAY_LOST:
+                for what, hook in ON_RAY_LOST:
                     try:
                         hook()
-                    except Exception as err:  # the store gone too: the runs stay RUNNING, a re-run resumes them
-                        print(f"could not mark the interrupted trials' runs: {str(err).splitlines()[0][:200]}",
+                    except Exception as err:  # e.g. the store gone too: the runs stay RUNNING, a re-run resumes them
+                        print(f"could not {what}: {first_line(err, 200)}",
                               file=sys.stderr)
                 print(f"orchestrate sweep: interrupted{AFTER_INTERRUPT['sweep']} (the signal reached the sweep's "
                       "Ray too: it was sent to the whole process group)", file=sys.stderr, flush=True)
