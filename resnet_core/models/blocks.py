@@ -109,7 +109,8 @@ class ResidualBlock(nn.Module):
     """One unit: ``after_add(branch(pre(x)) + shortcut(x))``; ``shortcut=None`` makes it a plain block."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, *, shortcut: str | None = "A",
-                 unit: str = "original", bottleneck: bool = False, stride_in_1x1: bool = False):
+                 unit: str = "original", bottleneck: bool = False, stride_in_1x1: bool = False,
+                 first_of_stage: bool = False):
         super().__init__()
         convs = branch_convs(in_channels, out_channels, stride, bottleneck, stride_in_1x1)
         pre, branch, after_add = unit_layers(convs, unit)
@@ -120,8 +121,11 @@ class ResidualBlock(nn.Module):
         # Pre-activation nets project the pre-activated tensor without a BN of its own (Identity Mappings code).
         self.shortcut = None if shortcut is None else make_shortcut(
             shortcut, in_channels, out_channels, stride, with_bn=not preact)
-        self.shortcut_takes_preact = preact and self.shortcut is not None and any(
-            True for _ in self.shortcut.parameters())
+        # Identity Mappings (Sec. 4): the first unit after conv1 activates "before splitting into two paths"; its
+        # authors' code does so at every stage's first unit (the shortcut subsamples or projects the activated
+        # tensor), and a projection always takes it. The other units' identity carries the raw sum.
+        self.shortcut_takes_preact = preact and self.shortcut is not None and (
+            first_of_stage or any(True for _ in self.shortcut.parameters()))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pre = self.pre(x)

@@ -74,7 +74,8 @@ class ResNet(nn.Module):
             for b in range(count):
                 blocks.append(ResidualBlock(channels, out_channels, stride if b == 0 else 1,
                                             shortcut=None if plain else shortcut, unit=unit,
-                                            bottleneck=bottleneck, stride_in_1x1=stride_in_1x1))
+                                            bottleneck=bottleneck, stride_in_1x1=stride_in_1x1,
+                                            first_of_stage=b == 0))
                 channels = out_channels
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
