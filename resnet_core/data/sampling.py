@@ -3,8 +3,9 @@
 All three loaders (gpu, dali, torch) consume the same `EpochPlan`, so for the same (seed, epoch, rank) they
 see the same images in the same order with the same crop offsets and flips; a run resumed at
 (epoch, start_batch) sees exactly the batches an uninterrupted run would, because nothing here has state.
-Augmentation follows the paper (Sec. 4.2: pad 4, random 32x32 crop, horizontal flip; Sec. 3.4 / ImageNet:
-random-resized crop 224 + flip).
+Augmentation: CIFAR follows the paper (Sec. 4.2: pad 4, random 32x32 crop, horizontal flip). ImageNet uses the
+now-common random-resized crop 224 (area 8-100 %) + flip and one centre crop to test, not the paper's (Sec. 3.4:
+shorter side resized in [256, 480], a random 224 crop, flip, colour augmentation; 10-crop testing in Table 3).
 """
 from __future__ import annotations
 
