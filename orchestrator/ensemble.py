@@ -109,7 +109,7 @@ class PredictionCache:
         try:
             with np.load(path) as saved:
                 return saved["logits"], saved["labels"]
-        except (OSError, ValueError, KeyError):  # a torn write from a killed process: recompute it
+        except (OSError, ValueError, KeyError, EOFError):  # a torn or empty file: recompute it
             return None
 
     def put(self, run_id: str, split: str, logits: np.ndarray, labels: np.ndarray) -> None:

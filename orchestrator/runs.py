@@ -45,6 +45,9 @@ def check_store(uri: str) -> None:
         if not path.exists():
             raise UserError(f"no MLflow store at {path.resolve()} (tracking URI {uri}); name the store the runs "
                             "went to with --tracking-uri or MLFLOW_TRACKING_URI")
+        if path.is_file() and path.stat().st_size == 0:  # opening it would make it a store: a read must not write
+            raise UserError(f"{path.resolve()} is an empty file, no MLflow store (tracking URI {uri}); name the "
+                            "store the runs went to with --tracking-uri or MLFLOW_TRACKING_URI")
     check_store_usable(uri)
 
 
@@ -74,6 +77,8 @@ def sweep_experiment(client, name: str | None):
             raise UserError(f"no sweep {name!r} in {client.tracking_uri}; sweeps: {_listing(sweep_names(client))}")
         return experiment
     names = sweep_names(client)
+    if not names:
+        raise UserError(f"{client.tracking_uri} holds no sweep yet: run `orchestrate sweep SPEC` first")
     if len(names) != 1:
         raise UserError(f"{client.tracking_uri} holds {len(names)} sweeps ({_listing(names)}); choose one with --sweep")
     return client.get_experiment_by_name(names[0])

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from resnet_core.config import ConfigError, blame, format_validation_error, parse_override, read_yaml, set_dotted
+from resnet_core.config import ConfigError, blame, first_line, format_validation_error, parse_override, read_yaml, set_dotted
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 BACKENDS = ("ray", "slurm")
@@ -34,6 +34,35 @@ class SpecError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SlurmProfile(Strict):
+    """A cluster profile's `slurm:` section (cluster/slurm-example.yaml shows each key)."""
+    partition: str | None = Field(None, description="partition to submit to")
+    account: str | None = Field(None, description="account to charge")
+    qos: str | None = Field(None, description="quality of service")
+    constraint: str | None = Field(None, description="node features (--constraint)")
+    exclude: str | None = Field(None, description="nodes to avoid")
+    gpu_type: str | None = Field(None, description="GRES type: gpu:TYPE:N")
+    setup: list[str] = Field([], description="shell lines run in the batch script before srun (module load, ...)")
+    srun_args: list[str] = Field([], description="extra srun arguments")
+    sbatch: dict[str, str | int | float | bool] = Field({}, description="any other sbatch option: {option: value}")
+    signal_delay_s: int = Field(90, ge=0, description="seconds before the time limit at which submitit's USR2 asks "
+                                "for checkpoint + requeue")
+    max_num_timeout: int = Field(3, ge=0, description="how many times a timed-out trial is requeued")
+    python: str | None = Field(None, description="python command on the nodes (default: this one's path)")
+    master_addr: str | None = Field(None, description="rendezvous host (default: the allocation's first node)")
+    poll_s: float = Field(2.0, gt=0, description="seconds between job-state polls")
+
+
+class RayProfile(Strict):
+    address: str | None = Field(None, description="the Ray cluster to run on (default: a local Ray)")
+
+
+class ClusterProfile(Strict):
+    """A cluster/*.yaml file: where a sweep runs."""
+    slurm: SlurmProfile = SlurmProfile()
+    ray: RayProfile = RayProfile()
 
 
 class AshaConfig(Strict):
@@ -79,8 +108,10 @@ class Resources(Strict):
     @field_validator("time_limit")
     @classmethod
     def _hh_mm_ss(cls, value: str) -> str:
-        if not re.fullmatch(r"(\d+-)?\d{1,3}:\d{2}:\d{2}", value):
-            raise ValueError(f"{value!r} is not [D-]HH:MM:SS")
+        if not re.fullmatch(r"(\d+-)?\d{1,3}:[0-5]\d:[0-5]\d", value):
+            raise ValueError(f"{value!r} is not [D-]HH:MM:SS (minutes and seconds under 60)")
+        if not any(int(part) for part in re.split(r"[-:]", value)):
+            raise ValueError(f"{value!r} leaves a trial no time")
         return value
 
     @model_validator(mode="after")
@@ -124,6 +155,8 @@ class SweepSpec(Strict):
     def _usable_name(cls, value: str) -> str:
         if not value.strip() or "/" in value or "\n" in value or "\0" in value or value in (".", ".."):
             raise ValueError(f"{value!r}: a sweep name must be non-empty, one line, without '/'")
+        if value.startswith("-"):  # `orchestrate status -rf` reads it as an option
+            raise ValueError(f"{value!r}: a sweep name cannot start with '-' (commands would read it as an option)")
         if len(value.encode()) > 200:  # it names folders: 255 bytes at most, with a suffix or two
             raise ValueError(f"{value[:40]!r}...: {len(value.encode())} bytes; a sweep name names folders, "
                              "keep it under 200")
@@ -249,7 +282,8 @@ def apply_set(tree: dict[str, Any], text: str) -> None:
         else:
             set_dotted(tree, key, value)
     except (ConfigError, yaml.YAMLError) as err:
-        raise SpecError(f"--set {text}: {str(err).splitlines()[0]}") from None
+        said = first_line(err)
+        raise SpecError(said if said.startswith(f"--set {text}: ") else f"--set {text}: {said}") from None
 
 
 def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
@@ -270,19 +304,15 @@ def load_cluster_profile(spec: SweepSpec, spec_path: Path) -> dict[str, Any]:
     profile = read_yaml(found, SpecError) or {}
     if not isinstance(profile, dict):
         raise SpecError(f"{found}: a cluster profile must be a mapping")
-    # a typo here would be ignored: the sweep would quietly run on a local Ray, or without the partition
-    for key in sorted(set(profile) - PROFILE_SECTIONS):
-        raise SpecError(f"{found}: {key}: unknown key; valid: {', '.join(sorted(PROFILE_SECTIONS))}")
-    for section in PROFILE_SECTIONS & profile.keys():
-        if not isinstance(profile[section] or {}, dict):
-            raise SpecError(f"{found}: {section}: must be a mapping of settings, not {profile[section]!r}")
-    for key in sorted(set(profile.get("ray") or {}) - {"address"}):
-        raise SpecError(f"{found}: ray.{key}: unknown key; valid: address")
-    return profile
+    # checked whatever the backend: a typo would be ignored (the sweep quietly on a local Ray, or without the
+    # partition), a wrong type a traceback at submission
+    try:
+        return ClusterProfile.model_validate({k: v or {} for k, v in profile.items()}).model_dump(exclude_unset=True)
+    except ValidationError as err:
+        raise SpecError(f"{found}: {format_validation_error(err, ClusterProfile)}") from None
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SWEEP_SET_KEYS = (("tracking", "uri", "use tracking_uri: at the top of the spec, or --tracking-uri"),
                   ("tracking", "experiment", "the sweep's name is its MLflow experiment"),
                   ("checkpoint", "root", "checkpoints go under output: (or --output)"))
-PROFILE_SECTIONS = {"slurm", "ray"}  # slurm's own keys are checked by the SLURM backend (PROFILE_KEYS there)

@@ -104,8 +104,9 @@ def resolve(ctx: SweepContext, overrides: dict[str, Any]) -> Trial:
 def expand(ctx: SweepContext, check_data: bool = True) -> list[Trial]:
     """Every trial of the sweep, validated, duplicates (same key) removed, longest first. ``check_data=False``:
     a dry run on a login node may not see the data the compute nodes will."""
-    trials, seen = [], {}
-    for overrides in assignments(ctx.spec):
+    trials, seen, points = [], {}, assignments(ctx.spec)
+    check_sampled_values(ctx, points[0])
+    for overrides in points:
         try:
             trial = resolve(ctx, overrides)
         except ConfigError as err:
@@ -119,6 +120,24 @@ def expand(ctx: SweepContext, check_data: bool = True) -> list[Trial]:
         check_data_exists(ctx, trials)
     check_scheduler_metric(ctx, trials)
     return sorted(trials, key=lambda t: -training_multiply_adds(t.config))  # longest first
+
+
+def check_sampled_values(ctx: SweepContext, overrides: dict[str, Any]) -> None:
+    """A distribution may only reach values its key accepts (the ends of a range, each choice): a bad value
+    failed the sweep or passed it by the luck of spec.seed (optim.lr: {uniform: [-1, 1]} passed with seed 0)."""
+    for key, domain in ctx.spec.space.items():
+        if isinstance(domain, list):
+            continue
+        (kind, args), = domain.items()
+        reachable = args if kind == "choice" else [args[0], int(args[1]) - 1 if kind == "randint" else args[1]]
+        for value in reachable:
+            try:
+                resolve(ctx, {**overrides, key: value})
+            except ConfigError as err:
+                message = str(err).removeprefix("config: ")
+                if message.startswith(f"{key}:"):
+                    raise SpecError(blame(ctx.spec_path, ctx.sets, f"space.{key}.{kind}: {args} can sample {value!r}: "
+                                          f"{message}", key=f"space.{key}")) from None
 
 
 def trial_error(ctx: SweepContext, overrides: dict[str, Any], message: str) -> str:
@@ -232,8 +251,7 @@ def gpu_memory_plan(ctx: SweepContext, units: list[Trial | FusedGroup]) -> tuple
     per_gpu = min(per_gpu, ctx.spec.max_concurrent or per_gpu, len(units))
     ranks = r.nodes * r.workers_per_node
     needs = sorted((trial_gpu_memory_bytes(u.members[0].config, len(u.members), ranks) for u in units), reverse=True)
-    slurm = ctx.cluster.get("slurm")
-    capacity, source = gpu_memory_gb(r.gpu_memory_gb, slurm.get("gpu_type") if isinstance(slurm, dict) else None)
+    capacity, source = gpu_memory_gb(r.gpu_memory_gb, ctx.cluster.get("slurm", {}).get("gpu_type"))
     return per_gpu, sum(needs[:per_gpu]), capacity, source
 
 

@@ -276,7 +276,8 @@ def parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), load_yaml(raw)
     except yaml.YAMLError as err:
         what = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"--set {text}: the value is not valid YAML ({what}); quote it: {key}='\"...\"'") from None
+        raise ConfigError(f"--set {text}: the value is not valid YAML ({what}); a list is [a, b], a text with YAML's "
+                          f"own characters is quoted: {key}='\"...\"'") from None
 
 
 def valid_keys_at(path: tuple, root: type[BaseModel] | None = None) -> list[str]:

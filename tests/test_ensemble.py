@@ -162,6 +162,20 @@ def test_top_larger_than_the_finished_runs(smoke_sweep, capsys):
     assert "; 1 stopped early by the scheduler are left out (half-trained); try --top 6" in err, err
 
 
+def test_a_damaged_cache_file_is_computed_again(smoke_sweep, tmp_path, capsys):
+    """An empty file (a full disk, a copy cut short) was np.load's EOFError traceback; junk was recomputed."""
+    cache = tmp_path / "cache"
+    args = ["ensemble", "--top", "2", "--tracking-uri", smoke_sweep.uri, "--cache", str(cache), "--no-log"]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    empty, junk = sorted(cache.glob("*-test.npz"))
+    empty.write_bytes(b"")
+    junk.write_bytes(b"not an npz file")
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+    assert all(np.load(path)["logits"].size for path in (empty, junk))
+
+
 def test_a_batch_size_below_one_is_refused_even_when_every_prediction_is_cached(smoke_sweep, tmp_path, capsys):
     args = ["ensemble", "--top", "2", "--tracking-uri", smoke_sweep.uri, "--no-log", "--cache", str(tmp_path)]
     assert main(args) == 0  # fills the cache

@@ -117,6 +117,19 @@ def test_ambiguous_sweep_is_an_error(smoke_sweep, tmp_path, capsys):
     assert err.count("\n") == 1 and "holds 2 sweeps (other, smoke); choose one with --sweep" in err
 
 
+def test_a_store_without_a_sweep_says_to_run_one(tmp_path, capsys):
+    """It said "holds 0 sweeps (none); choose one with --sweep": there is none to choose."""
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    MlflowClient(uri).search_experiments()  # an MLflow store, with its Default experiment only
+    assert main(["report", "--tracking-uri", uri, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds no sweep yet: run `orchestrate sweep SPEC` first" in err, err
+    empty = tmp_path / "empty-file.db"
+    empty.touch()  # `status` made it an MLflow store: a read command wrote 954 KB into it
+    assert main(["status", "--tracking-uri", f"sqlite:///{empty}"]) == 2
+    assert "empty-file.db is an empty file, no MLflow store" in capsys.readouterr().err and empty.stat().st_size == 0
+
+
 def test_an_out_folder_that_is_a_file_is_one_line(smoke_sweep, tmp_path, capsys):
     (tmp_path / "taken").write_text("")
     assert main(["report", "--tracking-uri", smoke_sweep.uri, "--out", str(tmp_path / "taken"), "--no-log"]) == 2

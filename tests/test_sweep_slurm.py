@@ -138,10 +138,6 @@ def test_fractional_gpus_and_bad_folders_are_refused_in_one_line(tmp_path):
     ctx, _ = prepare(str(spec), backend="slurm", output=str(tmp_path / "a\nb"), tracking_uri="sqlite:////nonexistent/m.db")
     with pytest.raises(SpecError, match="newline"):
         SlurmBackend(ctx)
-    ctx.cluster = {"slurm": {"partiton": "debug"}}
-    ctx.output = tmp_path
-    with pytest.raises(SpecError, match="slurm.partiton: unknown key; valid: partition"):
-        SlurmBackend(ctx)
 
 
 # -- the real cluster -----------------------------------------------------------------------------------------

@@ -31,23 +31,13 @@ from typing import Any
 
 from ..ledger import Ledger
 from ..mps import last_line
-from ..spec import SpecError
+from ..spec import SlurmProfile, SpecError
 from ..trials import FusedGroup, SweepContext, Trial, fuse
 from .base import STOP_GRACE_S, Events, ReportTail, metric_placeholders
 from .slurm_job import EXIT_INTERRUPTED, SlurmTrial
 
-# The cluster profile's `slurm:` keys (unknown keys are an error naming the valid ones).
-PROFILE_KEYS = {
-    "partition": "partition to submit to", "account": "account to charge", "qos": "quality of service",
-    "constraint": "node features (--constraint)", "exclude": "nodes to avoid", "gpu_type": "GRES type: gpu:TYPE:N",
-    "setup": "shell lines run in the batch script before srun (module load, venv activation, exports)",
-    "srun_args": "extra srun arguments", "sbatch": "any other sbatch option: {option: value}",
-    "signal_delay_s": "seconds before the time limit at which submitit's USR2 asks for checkpoint + requeue",
-    "max_num_timeout": "how many times a timed-out trial is requeued", "python": "python command on the nodes",
-    "master_addr": "rendezvous host (default: the first node of the allocation)",
-    "poll_s": "seconds between job-state polls",
-}
 RESULT_KEYS = ("epoch", "val_error", "test_error", "best_val_error", "iteration")
+RELAYED_KEYS = RESULT_KEYS + ("val_loss", "test_loss")  # what an ASHA relay tells Tune: the losses too
 
 
 def time_minutes(limit: str) -> int:
@@ -66,17 +56,9 @@ def memory(gb: float) -> str:
     return f"{int(gb)}G" if gb == int(gb) else f"{math.ceil(gb * 1024)}M"
 
 
-def slurm_profile(ctx: SweepContext) -> dict[str, Any]:
-    profile = dict(ctx.cluster.get("slurm") or {})
-    unknown = sorted(set(profile) - set(PROFILE_KEYS))
-    if unknown:
-        raise SpecError(f"cluster profile: slurm.{unknown[0]}: unknown key; valid: {', '.join(PROFILE_KEYS)}")
-    for key in ("setup", "srun_args"):
-        if not isinstance(profile.get(key, []), list) or not all(isinstance(x, str) for x in profile.get(key, [])):
-            raise SpecError(f"cluster profile: slurm.{key}: expected a list of strings")
-    if not isinstance(profile.get("sbatch", {}), dict):
-        raise SpecError("cluster profile: slurm.sbatch: expected a mapping {option: value}")
-    return profile
+def slurm_profile(ctx: SweepContext) -> SlurmProfile:
+    """The cluster profile's `slurm:` section with its defaults (load_cluster_profile has checked it)."""
+    return SlurmProfile.model_validate(ctx.cluster.get("slurm") or {})
 
 
 def check_folder(folder: Path) -> None:
@@ -97,7 +79,7 @@ def sbatch_parameters(ctx: SweepContext, job_name: str) -> dict[str, Any]:
     if ctx.spec.launcher in ("torchrun", "deepspeed"):  # no silent fallback to SLURM's own launch
         raise SpecError(f"{ctx.spec_path}: launcher: {ctx.spec.launcher} is not used on the slurm backend: srun starts "
                         "one task per rank that calls train() (DeepSpeed too); use launcher: auto")
-    workers, delay = r.workers_per_node, int(profile.get("signal_delay_s", 90))
+    workers, delay = r.workers_per_node, profile.signal_delay_s
     if time_minutes(r.time_limit) * 60 <= delay + 60:  # SLURM counts whole minutes
         # submitit's USR2 (checkpoint + requeue) would come before training has started: requeued at once, again
         raise SpecError(f"{ctx.spec_path}: resources.time_limit: {r.time_limit} is not longer than the cluster "
@@ -106,22 +88,22 @@ def sbatch_parameters(ctx: SweepContext, job_name: str) -> dict[str, Any]:
         "job_name": job_name, "time": time_minutes(r.time_limit), "nodes": r.nodes,
         "ntasks_per_node": workers, "cpus_per_task": max(1, math.ceil(r.cpus / workers)),
         "signal_delay_s": delay,
-        "additional_parameters": {"requeue": True, **profile.get("sbatch", {})},
+        "additional_parameters": {"requeue": True, **profile.sbatch},
     }
     for key in ("partition", "account", "qos", "constraint", "exclude"):
-        if profile.get(key):
-            params[key] = str(profile[key])
+        if getattr(profile, key):
+            params[key] = getattr(profile, key)
     if r.gpus:
-        if profile.get("gpu_type"):
-            params["gres"] = f"gpu:{profile['gpu_type']}:{int(r.gpus)}"
+        if profile.gpu_type:
+            params["gres"] = f"gpu:{profile.gpu_type}:{int(r.gpus)}"
         else:
             params["gpus_per_node"] = int(r.gpus)
     if r.memory_gb:
         params["mem"] = memory(r.memory_gb)
-    if profile.get("setup"):
-        params["setup"] = list(profile["setup"])
-    if profile.get("srun_args"):
-        params["srun_args"] = list(profile["srun_args"])
+    if profile.setup:
+        params["setup"] = list(profile.setup)
+    if profile.srun_args:
+        params["srun_args"] = list(profile.srun_args)
     return params
 
 
@@ -133,8 +115,8 @@ class SlurmBackend:
         self.profile = slurm_profile(ctx)
         # sortable and fresh: a new folder per run of the sweep
         self.submission_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        self.python = self.profile.get("python") or shlex.quote(sys.executable)
-        self.poll_s = float(self.profile.get("poll_s", 2.0))
+        self.python = self.profile.python or shlex.quote(sys.executable)
+        self.poll_s = self.profile.poll_s
         check_folder(self.folder)
         sbatch_parameters(ctx, "check")  # refuse what SLURM cannot run before anything is submitted or logged
 
@@ -163,7 +145,7 @@ class SlurmBackend:
                        for t in trial.members]
             return SlurmTrial(key=trial.key, config={}, cpus=cpus, members=members)
         return SlurmTrial(key=trial.key, config=trial.config_dict(), report_file=str(self.report_file(trial.key)),
-                          master_addr=self.profile.get("master_addr"), cpus=cpus)
+                          master_addr=self.profile.master_addr, cpus=cpus)
 
     def report_file(self, key: str) -> Path:
         return self.ctx.output / "reports" / f"{key}.jsonl"
@@ -196,7 +178,7 @@ class SlurmBackend:
         return "\n".join([f"{head}:", self.script(trial)])
 
     def executor(self, parameters: dict[str, Any]):
-        return make_executor(str(self.folder), parameters, self.python, int(self.profile.get("max_num_timeout", 3)))
+        return make_executor(str(self.folder), parameters, self.python, self.profile.max_num_timeout)
 
     # -- running ----------------------------------------------------------------------------------------------
     def start(self, say=print) -> None:
@@ -295,8 +277,9 @@ class SlurmBackend:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         payloads = [{"key": t.key, "trial": self.payload(t), "folder": str(self.folder),
                      "parameters": self.parameters(t), "python": self.python, "poll_s": self.poll_s,
-                     "max_num_timeout": int(self.profile.get("max_num_timeout", 3))} for t in trials]
-        callback = events_callback_class()(events, self.ctx)
+                     "max_num_timeout": self.profile.max_num_timeout} for t in trials]
+        from .tune_events import SlurmEventsCallback
+        callback = SlurmEventsCallback(events, self.ctx)
         # The relays only wait on files and sacct: a sliver of a CPU each, so max_concurrent of them fit.
         start_local_ray()
         stop = threading.Event()
@@ -607,7 +590,7 @@ def relay_trial(config: dict[str, Any]) -> None:
         waiting.unlink(missing_ok=True)
     tune.report({"trial_status": final["status"], "trial_key": p["key"], "run_id": final.get("run_id"),
                  "slurm_job_id": job.job_id, "reason": final.get("reason", ""),
-                 **pick(final, RESULT_KEYS + ("val_loss", "test_loss")), **metric_placeholders(final)})
+                 **pick(final, RELAYED_KEYS), **metric_placeholders(final)})
 
 
 def relay_reports(job, tail: ReportTail, p: dict[str, Any], waiting: Path) -> dict[str, Any]:
@@ -621,7 +604,7 @@ def relay_reports(job, tail: ReportTail, p: dict[str, Any], waiting: Path) -> di
                 final = record
             elif record.get("epoch", 0) > last_epoch:
                 last_epoch = record["epoch"]
-                tune.report({**pick(record, RESULT_KEYS + ("val_loss", "test_loss")), "slurm_job_id": job.job_id,
+                tune.report({**pick(record, RELAYED_KEYS), "slurm_job_id": job.job_id,
                              "run_id": record.get("run_id"), "trial_key": p["key"]})
         if final is None and time.monotonic() - polled > p["poll_s"]:
             polled = time.monotonic()
@@ -644,63 +627,3 @@ def cancel_then_mark(job_id: str, run_id: str | None, reason: str, ctx: SweepCon
     wait_gone(job_id)
     if run_id:
         Ledger(ctx.tracking_uri, ctx.spec.name).mark_early_stopped(run_id, reason)
-
-
-def events_callback_class():
-    """SlurmEventsCallback, made on first use (Ray is imported only by ASHA sweeps) and published as a module
-    attribute under its own name, so Tune can pickle it with the experiment state."""
-    if "SlurmEventsCallback" in globals():
-        return globals()["SlurmEventsCallback"]
-    from .tune_events import EventsCallback, early_stop_reason, final_metrics
-
-    class SlurmEventsCallback(EventsCallback):
-        """Tune's events -> the view; an ASHA stop -> scancel of the trial's job and the run marked stopped."""
-
-        def __init__(self, events: Events, ctx: SweepContext):
-            super().__init__(events, ctx)
-            self.stoppers: list[threading.Thread] = []
-            self.refused: str | None = None  # what sbatch said when it refused a trial's job
-            self.jobs: set[str] = set()  # every job a relay reported: Ctrl-C cancels those still live
-
-        def __getstate__(self):
-            return {**super().__getstate__(), "stoppers": [], "refused": None, "jobs": set()}
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            self.refused = self.refused or result.get("sbatch_refused")
-            if result.get("slurm_job_id"):
-                self.jobs.add(str(result["slurm_job_id"]))
-            super().on_trial_result(iteration, trials, trial, result, **info)
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            last = trial.last_result or {}
-            if "trial_status" in last or not last.get("slurm_job_id"):
-                return super().on_trial_complete(iteration, trials, trial, **info)
-            reason = early_stop_reason(self.ctx, last)
-            thread = threading.Thread(target=cancel_then_mark, daemon=True,
-                                      args=(last["slurm_job_id"], last.get("run_id"), reason, self.ctx))
-            thread.start()
-            self.stoppers.append(thread)
-            self.events.update(trial.config["trial"]["key"], "stopped", reason=reason,
-                               slurm_job_id=last["slurm_job_id"], **final_metrics(last))
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            job_id = (trial.last_result or {}).get("slurm_job_id")
-            if job_id:
-                cancel(job_id)
-            super().on_trial_error(iteration, trials, trial, **info)
-
-        def join(self) -> None:
-            for thread in self.stoppers:
-                thread.join(timeout=180)
-
-    SlurmEventsCallback.__qualname__ = "SlurmEventsCallback"
-    globals()["SlurmEventsCallback"] = SlurmEventsCallback
-    return SlurmEventsCallback
-
-
-def __getattr__(name: str):
-    if name == "SlurmEventsCallback":  # unpickling a Tune experiment state
-        return events_callback_class()
-    raise AttributeError(name)
-
-

@@ -1,6 +1,6 @@
-"""What the sweep hears from Ray Tune: its trial events for the progress view, and the sweep's Ctrl-C as a Tune
-stopper. Apart from ray_tune.py because it subclasses Tune's classes: importing Ray (~2 s) waits until a sweep
-runs on it, so a dry run or a SLURM sweep never pays it.
+"""What the sweep hears from Ray Tune: its trial events for the progress view (on SLURM under ASHA too), and the
+sweep's Ctrl-C as a Tune stopper. Apart from the backends because it subclasses Tune's classes: importing Ray
+(~2 s) waits until a sweep runs on it, so a dry run or a SLURM sweep without ASHA never pays it.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ray import tune
 from ..ledger import Ledger
 from ..trials import REPORTED_METRICS, SweepContext
 from .base import STOP_GRACE_S, Events
+from .slurm import cancel, cancel_then_mark
 
 
 class StopOnCtrlC(tune.Stopper):
@@ -146,3 +147,44 @@ def final_metrics(last: dict) -> dict:
     scheduler's, val_loss in smoke_lr); not the NaN that metric_placeholders put in."""
     return {k: last[k] for k in ("epoch", *REPORTED_METRICS)
             if k in last and not (isinstance(last[k], float) and math.isnan(last[k]))}
+
+
+class SlurmEventsCallback(EventsCallback):
+    """Tune's events -> the view; an ASHA stop -> scancel of the trial's job and the run marked stopped."""
+
+    def __init__(self, events: Events, ctx: SweepContext):
+        super().__init__(events, ctx)
+        self.stoppers: list[threading.Thread] = []
+        self.refused: str | None = None  # what sbatch said when it refused a trial's job
+        self.jobs: set[str] = set()  # every job a relay reported: Ctrl-C cancels those still live
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "stoppers": [], "refused": None, "jobs": set()}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.refused = self.refused or result.get("sbatch_refused")
+        if result.get("slurm_job_id"):
+            self.jobs.add(str(result["slurm_job_id"]))
+        super().on_trial_result(iteration, trials, trial, result, **info)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        if "trial_status" in last or not last.get("slurm_job_id"):
+            return super().on_trial_complete(iteration, trials, trial, **info)
+        reason = early_stop_reason(self.ctx, last)
+        thread = threading.Thread(target=cancel_then_mark, daemon=True,
+                                  args=(last["slurm_job_id"], last.get("run_id"), reason, self.ctx))
+        thread.start()
+        self.stoppers.append(thread)
+        self.events.update(trial.config["trial"]["key"], "stopped", reason=reason,
+                           slurm_job_id=last["slurm_job_id"], **final_metrics(last))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        job_id = (trial.last_result or {}).get("slurm_job_id")
+        if job_id:
+            cancel(job_id)
+        super().on_trial_error(iteration, trials, trial, **info)
+
+    def join(self) -> None:
+        for thread in self.stoppers:
+            thread.join(timeout=180)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 LOADER_NAMES = ("gpu", "dali", "torch")
 
@@ -56,3 +56,11 @@ class DataConfig(BaseModel):
         if value not in LOADER_NAMES:
             raise ValueError(f"data.loader: unknown loader {value!r}; valid loaders: {', '.join(LOADER_NAMES)}")
         return value
+
+    @model_validator(mode="after")
+    def _synthetic_split_leaves_train_images(self) -> "DataConfig":
+        # known before any data is read: a sweep refuses it up front (every trial failed on it once started)
+        if self.path == "synthetic" and self.val_split >= self.synthetic.train_size:
+            raise ValueError(f"val_split: {self.val_split} leaves no train images (data.synthetic.train_size is "
+                             f"{self.synthetic.train_size})")
+        return self
