@@ -250,12 +250,13 @@ def run_planned_sweep(ctx: SweepContext, trials: list[Trial], backend, retry_fai
         # Creating an sqlite store runs MLflow's migrations (~8 s); a new store means every trial will run, so
         # the engine starts meanwhile (Ray: ~9 s) instead of after.
         ledger = pool.submit(Ledger, ctx.tracking_uri, ctx.spec.name, create=False)
-        if fresh_store and hasattr(backend, "start"):
+        started = fresh_store and hasattr(backend, "start")
+        if started:
             backend.start()
         ledger = ledger.result()
     ledger.check_owner()  # before the engine starts; claim() checks again, once it has started
     plan = ledger.plan(trials, retry_failed)
-    if plan.to_run and hasattr(backend, "start"):
+    if plan.to_run and hasattr(backend, "start") and not started:
         backend.start()  # an engine that refuses the sweep (no GPU here) does so before the plan is recorded
     other_host = ledger.claim(ctx.output)  # refuses a sweep that another orchestrator runs now
     try:
