@@ -280,7 +280,7 @@ class Tracker:
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
 
-    def write_metrics_csv(self, path: Path) -> Path:
+    def write_metrics_csv(self, path: Path) -> None:
         """Every point of the run (all attempts, from the store), one row per (step, key, value)."""
         with open(path, "w", newline="") as f:
             writer = csv.writer(f)
@@ -288,7 +288,6 @@ class Tracker:
             for key in sorted(self.client.get_run(self.run_id).data.metrics):
                 for m in sorted(self.client.get_metric_history(self.run_id, key), key=lambda m: m.step):
                     writer.writerow([m.step, key, m.value])
-        return path
 
     def end(self, status: str, tags: dict[str, str] | None = None) -> None:
         self.flush()

@@ -538,8 +538,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m resnet_core.train
         print(f"{prog}: error: {err}", file=sys.stderr)
         return 1
     if distributed.read_env().is_main:
-        if report:
-            report(result)  # the final evaluation's line first: the JSON result is the last thing printed
+        report(result)  # the final evaluation's line first: the JSON result is the last thing printed
         print(json.dumps(result), flush=True)
     return 0 if result["status"] == "FINISHED" else 1
 

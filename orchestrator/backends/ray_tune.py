@@ -276,7 +276,7 @@ class RayTuneBackend:
         if isinstance(trial, FusedGroup):
             return {"key": trial.key, "label": trial.label, "cpus": self.spec.resources.cpus, "launcher": "fused",
                     "gpus": self.spec.resources.gpus, "stop_file": str(self.stop_file),
-                    "workers": 1, "members": [{"key": t.key, "config": t.config_dict()} for t in trial.members]}
+                    "members": [{"key": t.key, "config": t.config_dict()} for t in trial.members]}
         cfg = trial.config_dict()
         return {"key": trial.key, "label": trial.label, "config": cfg, "cpus": self.spec.resources.cpus,
                 "gpus": self.spec.resources.gpus, "stop_file": str(self.stop_file),

@@ -52,6 +52,11 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "sweep"
 
 
+def cpus_per_task(resources) -> int:
+    """One task per rank: the trial's CPUs shared among its ranks on a node, at least one each."""
+    return max(1, math.ceil(resources.cpus / resources.workers_per_node))
+
+
 def memory(gb: float) -> str:
     return f"{int(gb)}G" if gb == int(gb) else f"{math.ceil(gb * 1024)}M"
 
@@ -86,7 +91,7 @@ def sbatch_parameters(ctx: SweepContext, job_name: str) -> dict[str, Any]:
                         f"profile's slurm.signal_delay_s ({delay} s) + 60 s; give the trial more time")
     params: dict[str, Any] = {
         "job_name": job_name, "time": time_minutes(r.time_limit), "nodes": r.nodes,
-        "ntasks_per_node": workers, "cpus_per_task": max(1, math.ceil(r.cpus / workers)),
+        "ntasks_per_node": workers, "cpus_per_task": cpus_per_task(r),
         "signal_delay_s": delay,
         "additional_parameters": {"requeue": True, **profile.sbatch},
     }
@@ -139,7 +144,7 @@ class SlurmBackend:
         return params
 
     def payload(self, trial: Trial | FusedGroup) -> SlurmTrial:
-        cpus = max(1, math.ceil(self.spec.resources.cpus / self.spec.resources.workers_per_node))
+        cpus = cpus_per_task(self.spec.resources)
         if isinstance(trial, FusedGroup):
             members = [{"key": t.key, "config": t.config_dict(), "report_file": str(self.report_file(t.key))}
                        for t in trial.members]
