@@ -3,7 +3,8 @@
 The paper's ILSVRC 2015 entry combined six models of different depth (3.57% top-5 test error against 4.49% for
 the best single ResNet-152, Sec. 4.1, Table 5). Here the members are the K finished trials with the lowest
 selection metric (`orchestrator.runs.top_runs`), each evaluated with the project's own loaders on one split, no
-augmentation (the paper's single-view test, Sec. 4.2). Three ways to combine their softmax outputs:
+augmentation (the paper's single-view test, Sec. 4.2), at the precision its worker evaluated it (bf16 autocast on a
+GPU by default: its errors are the logged ones). Three ways to combine their softmax outputs:
 
 - ``mean``: the plain average of the members' class probabilities.
 - ``weighted``: a weighted average, member weight proportional to its accuracy on the val split.
@@ -137,13 +138,15 @@ def member_predictions(client, run_id: str, split: str, cache: PredictionCache, 
     if cached is not None:
         return cached
     from resnet_core.data import build_loader
+    from resnet_core.steps import autocast, resolve_precision
     cfg = load_config(client, run_id)
     if split == "val" and not cfg.data.val_split:
         raise UserError(f"run {run_id} has no val split (data.val_split = 0): measure on --split test, and with "
                         "--method mean (greedy and weighted ensembles choose on the val split)")
     model = load_model(client, run_id, device)
     loader = build_loader(cfg.data.model_copy(update={"augment": False}), split, batch_size, device)
-    logits, labels = predict(model, loader)
+    with autocast(resolve_precision(cfg, device), device):  # as the worker evaluated it: its logged errors
+        logits, labels = predict(model, loader)
     cache.put(run_id, split, logits, labels)
     return logits, labels
 

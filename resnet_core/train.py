@@ -394,10 +394,16 @@ def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
               "were", file=sys.stderr)
     # checkpoint.resume off starts the trial over in a new run: continued, the old run dropped the new points up
     # to its last step (a run's steps only go forward), and its curve and the new weights disagreed
-    if cfg.checkpoint.resume:
-        run_id, earlier = run_id or tracker.find_run(key), None
-    else:
-        earlier = tracker.find_run(key)  # retired below, once the new run exists
+    earlier, why = None, ""
+    if not cfg.checkpoint.resume:
+        earlier, why = tracker.find_run(key), "checkpoint.resume is off"  # retired below, once the new run exists
+    elif run_id is None and (found := tracker.find_run(key)):
+        # a finished run without its checkpoints (another checkpoint.root, or deleted): training from 0 in it
+        # would keep its old curve and metrics beside new weights; else the trial goes on in its run
+        if tracker.client.get_run(found).info.status == "FINISHED":
+            earlier, why = found, f"its finished run has no checkpoint in {cfg.checkpoint.root}"
+        else:
+            run_id = found
     # kind=trial: a run of `orchestrate train` is a trial too, seen by status, report and ensemble
     tags = {**environment_tags(world_size), "trial_key": key, "kind": "trial", **t.tags}
     if moved_from:
@@ -405,18 +411,18 @@ def open_run(cfg: TrainConfig, key: str, run_id: str | None, world_size: int,
     params = flatten(cfg.model_dump(mode="json"))
     run_id = tracker.start(run_id, t.run_name or f"{cfg.model.name}-{key[:8]}", params, tags)
     if earlier:
-        retire_run(tracker, key, earlier, run_id)
+        retire_run(tracker, key, earlier, run_id, why)
     if rejected_checkpoints:  # the event a user must see: a corrupt checkpoint was skipped
         tracker.set_tags({"checkpoint_rejected": ",".join(rejected_checkpoints)})
     return tracker, run_id
 
 
-def retire_run(tracker: Tracker, key: str, earlier: str, run_id: str) -> None:
+def retire_run(tracker: Tracker, key: str, earlier: str, run_id: str, why: str) -> None:
     """The trial's earlier run leaves the trials (kind=superseded: status, report, ensemble and a sweep's ledger
     skip it) and stays in the UI, pointing at the new one."""
     tracker.client.set_tag(earlier, "kind", "superseded")
     tracker.client.set_tag(earlier, "superseded_by", run_id)
-    print(f"trial {key}: checkpoint.resume is off: it trains again from iteration 0 in a new MLflow run {run_id}; "
+    print(f"trial {key}: {why}: it trains again from iteration 0 in a new MLflow run {run_id}; "
           f"its earlier run {earlier} stays, tagged kind=superseded", flush=True)
 
 

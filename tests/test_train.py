@@ -279,6 +279,22 @@ def test_a_finished_trial_trained_again_under_another_experiment_says_it_is_alre
             and "--set checkpoint.resume=false trains it again" in out), out
 
 
+def test_a_finished_trial_whose_checkpoints_are_gone_trains_again_in_a_new_run(tmp_path, capsys):
+    """It trained from iteration 0 in the finished run, which dropped every new point (its steps only go forward):
+    the run's curve and test_error were the old training's, its model.pt the new one's."""
+    first = train(tiny_config(tmp_path))
+    capsys.readouterr()
+    again = train(tiny_config(tmp_path, checkpoint={"root": str(tmp_path / "elsewhere")}))
+    out = capsys.readouterr().out
+    assert again["status"] == "FINISHED" and again["run_id"] != first["run_id"], out
+    assert (f"trial {first['trial_key']}: its finished run has no checkpoint in {tmp_path / 'elsewhere'}: it trains "
+            f"again from iteration 0 in a new MLflow run {again['run_id']}") in out, out
+    cfg = tiny_config(tmp_path)
+    runs = {r.info.run_id: r for r in runs_of(cfg)}
+    assert runs[first["run_id"]].data.tags["kind"] == "superseded"
+    assert [s for s, _ in history(cfg, again["run_id"])] == list(range(5, 41, 5))  # the whole new curve
+
+
 def test_resume_off_trains_the_trial_again_in_a_new_run_and_its_checkpoints_replace_the_old(tmp_path, capsys):
     """checkpoint.resume=false went on in the finished run, which kept none of the new points (its steps only go
     forward), said 'no checkpoint' beside one, and the old final checkpoint outranked (and pruned) the new ones."""
