@@ -178,6 +178,8 @@ class EnsembleResult:
 
     @property
     def best_member_error(self) -> float:
+        """The lowest error on the measured split over every candidate, as an oracle would pick it: the gain is
+        measured against the hardest single model to beat, not the one chosen on val."""
         return min(m.error for m in self.members)
 
     @property

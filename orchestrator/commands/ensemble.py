@@ -62,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     top5 = ("" if result.top5_error is None else f"; top-5 {100 * result.top5_error:.2f}%, best member "
             f"{100 * result.best_member_top5_error:.2f}%")
     screen.print(f"ensemble ({result.method}, {members}) "
-                 f"{result.split} error {100 * result.error:.2f}%; best member {100 * result.best_member_error:.2f}%; "
+                 f"{result.split} error {100 * result.error:.2f}%; best member on {result.split} "
+                 f"{100 * result.best_member_error:.2f}%; "
                  f"gain {100 * result.gain:+.2f} points{top5}")
     if not args.no_log:
         run_id = log_ensemble(client, experiment, result)
