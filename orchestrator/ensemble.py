@@ -274,8 +274,21 @@ def describe(run, metric: str) -> Member:
 
 
 # -- the MLflow record ----------------------------------------------------------------------------------------
-def log_ensemble(client, experiment, result: EnsembleResult) -> str:
-    """An MLflow run tagged kind=ensemble in the sweep's experiment: members as params, errors as metrics."""
+def selection_caveat(metric: str, split: str, method: str) -> str | None:
+    """Why the measured error is optimistic, when members (or weights) are chosen on the split measured."""
+    if metric.startswith("test_") and split == "test":
+        return (f"--metric {metric}: members are chosen on the test set the ensemble is measured on, so its test "
+                "error is optimistic; rank by val_error (set data.val_split) for a fair one")
+    if split == "val" and (metric.startswith("val_") or method != "mean"):
+        chosen = "members and weights are" if method != "mean" else "members are"
+        return (f"--split val: {chosen} chosen on the val split the ensemble is measured on, so its val error and "
+                "gain are optimistic; measure on --split test for a fair one")
+    return None
+
+
+def log_ensemble(client, experiment, result: EnsembleResult, caveat: str | None = None) -> str:
+    """An MLflow run tagged kind=ensemble in the sweep's experiment: members as params, errors as metrics, and the
+    caveat of an optimistic selection as a tag (a reader of the run sees it, not only the console)."""
     import json
     import tempfile
     import time
@@ -283,7 +296,8 @@ def log_ensemble(client, experiment, result: EnsembleResult) -> str:
     from resnet_core.tracking import log_params
     top = len(result.members) + len(result.skipped)
     run = client.create_run(experiment.experiment_id, run_name=f"ensemble-{result.method}-top{top}-{result.split}",
-                            tags={"kind": "ensemble", "sweep": experiment.name})
+                            tags={"kind": "ensemble", "sweep": experiment.name,
+                                  **({"caveat": caveat} if caveat else {})})
     params = {"method": result.method, "split": result.split, "metric": result.metric, "top": str(top),
               "members": ",".join(m.run_id for m in result.members),
               "skipped": ",".join(s.split(":")[0] for s in result.skipped) or "none"}

@@ -208,9 +208,16 @@ def test_a_metric_no_trial_logged_is_named_with_the_ones_they_did(smoke_sweep, c
 
 
 def test_ranking_on_the_test_set_says_the_ensemble_is_optimistic(smoke_sweep, tmp_path, capsys):
-    assert main(["ensemble", "--top", "2", "--metric", "test_error", "--tracking-uri", smoke_sweep.uri, "--no-log",
+    import shutil
+    shutil.copy(smoke_sweep.root / "mlruns.db", tmp_path / "copy.db")  # the logged run must not join the shared store
+    uri = f"sqlite:///{tmp_path / 'copy.db'}"
+    client = MlflowClient(uri)
+    before = {r.info.run_id for r in ensemble_runs(client, smoke_sweep)}  # other tests log theirs in the store
+    assert main(["ensemble", "--top", "2", "--metric", "test_error", "--tracking-uri", uri,
                  "--cache", str(tmp_path / "cache")]) == 0
     assert "its test error is optimistic" in " ".join(capsys.readouterr().out.split())
+    (logged,) = [r for r in ensemble_runs(client, smoke_sweep) if r.info.run_id not in before]
+    assert "its test error is optimistic" in logged.data.tags["caveat"]  # the run says so, not only the console
     # greedy weights fitted on val and measured on val: the gain it reported was the fit's, not a fair one
     assert main(["ensemble", "--top", "2", "--method", "greedy", "--split", "val", "--tracking-uri", smoke_sweep.uri,
                  "--no-log", "--cache", str(tmp_path / "cache")]) == 0

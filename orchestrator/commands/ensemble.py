@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from orchestrator.cli import console
     from orchestrator.cli import UserError
-    from orchestrator.ensemble import build_ensemble, log_ensemble
+    from orchestrator.ensemble import build_ensemble, log_ensemble, selection_caveat
     from orchestrator.runs import open_client, sweep_experiment
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: this machine has no CUDA GPU")
@@ -43,13 +43,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     screen = console()
-    if args.metric.startswith("test_") and args.split == "test":
-        screen.print(f"[yellow]--metric {args.metric}: members are chosen on the test set the ensemble is measured "
-                     "on, so its test error is optimistic; rank by val_error (set data.val_split) for a fair one[/yellow]")
-    elif args.split == "val" and (args.metric.startswith("val_") or args.method != "mean"):
-        chosen = "members and weights are" if args.method != "mean" else "members are"
-        screen.print(f"[yellow]--split val: {chosen} chosen on the val split the ensemble is measured on, so its "
-                     "val error and gain are optimistic; measure on --split test for a fair one[/yellow]")
+    caveat = selection_caveat(args.metric, args.split, args.method)
+    if caveat:
+        screen.print(f"[yellow]{caveat}[/yellow]")
     client = open_client(args.tracking_uri)
     experiment = sweep_experiment(client, args.sweep)
     result = build_ensemble(client, experiment, top=args.top, metric=args.metric, split=args.split,
@@ -66,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
                  f"{100 * result.best_member_error:.2f}%; "
                  f"gain {100 * result.gain:+.2f} points{top5}")
     if not args.no_log:
-        run_id = log_ensemble(client, experiment, result)
+        run_id = log_ensemble(client, experiment, result, caveat)
         screen.print(f"logged MLflow run {run_id} (kind=ensemble) in experiment {experiment.name!r}")
     return 0
 
