@@ -367,6 +367,7 @@ class FusedTrainer:
         shared = len(self.train_loaders) == 1
         index = torch.tensor([m.loader for m in self.members], device=self.device)
         started = time.perf_counter()  # of the metric window: images/s counts training time only
+        untimed = self.window[:, 2].tolist()  # a resumed window's images, trained before this timer
         while self.iteration < total and self.alive():
             epoch, start = divmod(self.iteration, steps_per_epoch)
             for batches in zip(*(l.iterate(epoch, start) for l in self.train_loaders)):
@@ -379,8 +380,8 @@ class FusedTrainer:
                 self.window += self.step(images, labels, lrs, shared)
                 self.iteration += 1
                 if self.iteration % self.log_every == 0 or self.iteration == total:
-                    self.log_train(lrs, started)
-                    started = time.perf_counter()
+                    self.log_train(lrs, started, untimed)
+                    started, untimed = time.perf_counter(), [0.0] * len(self.members)
                 if epoch_evaluation_due(self.iteration, steps_per_epoch, self.cfgs[0].eval.every_epochs, total):
                     # as Trainer.loop: before the checkpoint and the stop check, and not training time
                     started += timed(lambda: self.log_eval(self.evaluate_all(), self.iteration // steps_per_epoch),
@@ -400,7 +401,7 @@ class FusedTrainer:
         for m, claim in zip(self.members, self.claims):
             checkpoint.check_owner(m.folder, claim)
 
-    def log_train(self, lrs: tuple[float, ...], started: float) -> None:
+    def log_train(self, lrs: tuple[float, ...], started: float, untimed: list[float]) -> None:
         self.check_fence()
         window = self.window.tolist()  # waits for the GPU: only now has the window's work been done
         seconds = time.perf_counter() - started
@@ -415,7 +416,7 @@ class FusedTrainer:
             if until and error < until:
                 m.warmup_ended = True
             self.log(m, {"train_loss": loss, "train_error": error, "lr": lrs[m.index],
-                         "images_per_s": images / seconds if seconds > 0 else 0.0})
+                         "images_per_s": (images - untimed[m.index]) / seconds if seconds > 0 else 0.0})
         self.window.zero_()
 
     # -- evaluation: every member on the same images ------------------------------------------------------

@@ -137,6 +137,7 @@ class Trainer:
         total = self.schedule.total
         sums = self.window  # loss*n, errors, images since the last log point (checkpointed: exact resumes)
         started = time.perf_counter()  # of the metric window: images/s counts training time only
+        untimed = float(sums[2]) * self.env.world_size  # a resumed window's images, trained before this timer
         while self.iteration < total:
             epoch, start = divmod(self.iteration, steps_per_epoch)
             for images, labels in self.train_loader.iterate(epoch, start):
@@ -144,9 +145,9 @@ class Trainer:
                 sums += self.step(images, labels, lr)
                 self.iteration += 1
                 if self.iteration % self.cfg.tracking.log_every == 0 or self.iteration == total:
-                    self.log_train(sums, lr, started)
+                    self.log_train(sums, lr, started, untimed)
                     sums.zero_()
-                    started = time.perf_counter()
+                    started, untimed = time.perf_counter(), 0.0
                 if epoch_evaluation_due(self.iteration, steps_per_epoch, self.cfg.eval.every_epochs, total):
                     # Before the checkpoint and the stop check: a run stopped at an epoch's end has evaluated it
                     # (resumed from there it starts the next epoch). Its time is not training time.
@@ -173,7 +174,7 @@ class Trainer:
         if distributed.any_rank(error is not None, self.env, self.device):
             raise error or checkpoint.Superseded(f"rank 0 found trial {self.key} claimed by another copy")
 
-    def log_train(self, sums: torch.Tensor, lr: float, started: float) -> None:
+    def log_train(self, sums: torch.Tensor, lr: float, started: float, untimed: float = 0.0) -> None:
         self.check_fence()
         loss_sum, errors, images = distributed.all_reduce_sum(sums.clone(), self.env).tolist()
         loss, error = loss_sum / max(images, 1), errors / max(images, 1)
@@ -183,7 +184,7 @@ class Trainer:
             self.warmup_ended = True  # the same on every rank: error was all-reduced
         seconds = time.perf_counter() - started
         self.log({"train_loss": loss, "train_error": error, "lr": lr,
-                  "images_per_s": images / seconds if seconds > 0 else 0.0})
+                  "images_per_s": (images - untimed) / seconds if seconds > 0 else 0.0})
 
     # -- evaluation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -253,6 +254,19 @@ class Trainer:
         self.best_val_error = state["best_val_error"]
         self.window.copy_(state["window"])
         restore_rng(state, self.device)
+        self.say_if_resumed_elsewhere(state)
+
+    def say_if_resumed_elsewhere(self, state: dict[str, Any]) -> None:
+        """Another world size (or device) is not in the trial key, yet each rank normalises its own share of the
+        batch and augments with its rank's seed (and a GPU trains in bf16): the trial goes on, said and tagged."""
+        here, before = trained_on(self.env.world_size, self.device), state.get("trained_on")
+        if before in (None, here) or not self.env.is_main:
+            return
+        change = f"{here} from iteration {state['iteration']}, {before} before"
+        print(f"trial {self.key[:8]}: warning: goes on with {change}: it will not end as an uninterrupted run "
+              "would (batch norm and augmentation are per rank)", file=sys.stderr, flush=True)
+        if self.tracker:
+            self.tracker.set_tags({"resumed_on": change})
 
     def save_checkpoint(self) -> None:
         self.check_fence()
@@ -262,7 +276,7 @@ class Trainer:
         if not self.env.is_main:
             return
         state = trial_state(self.iteration, self.warmup_ended, self.best_val_error, self.step.state_dict(),
-                            self.run_id, self.key, self.window, self.device)
+                            self.run_id, self.key, self.window, self.device, self.env.world_size)
         checkpoint.save(self.folder, self.iteration, state, self.cfg.checkpoint.keep)
 
     # -- the end ------------------------------------------------------------------------------------------
@@ -364,14 +378,18 @@ def runs_settled_on_exit(trackers: list[Tracker | None], end: Callable[[str, dic
 
 
 def trial_state(iteration: int, warmup_ended: bool, best_val_error: float, step_state: dict, run_id: str | None,
-                key: str, window: torch.Tensor, device: torch.device) -> dict[str, Any]:
+                key: str, window: torch.Tensor, device: torch.device, world_size: int = 1) -> dict[str, Any]:
     """A trial's checkpoint: everything an exact resume needs (fused members write the same format)."""
     state = {"iteration": iteration, "warmup_ended": warmup_ended, "best_val_error": best_val_error,
              "step": step_state, "run_id": run_id, "trial_key": key, "window": window.cpu(),
-             "rng_cpu": torch.get_rng_state()}
+             "rng_cpu": torch.get_rng_state(), "trained_on": trained_on(world_size, device)}
     if device.type == "cuda":
         state["rng_cuda"] = torch.cuda.get_rng_state()
     return state
+
+
+def trained_on(world_size: int, device: torch.device) -> str:
+    return f"{world_size} rank(s) on {device.type}"
 
 
 def restore_rng(state: dict[str, Any], device: torch.device) -> None:

@@ -625,6 +625,20 @@ def torchrun(*args: str) -> list[str]:
 DDP_TOLERANCE = dict(rel=0.10, abs=0.05)
 
 
+def test_a_trial_resumed_on_another_world_size_says_so_and_its_run_is_tagged(tmp_path):
+    """The world size is not in the trial key, yet BN statistics and augmentation are per rank: a trial stopped on
+    one process and resumed on two went on without a word, and its run's world_size tag said 2 for all of it."""
+    cfg, stop = tiny_config(tmp_path, checkpoint={"every": 1000}), threading.Event()
+    assert isinstance(in_a_thread(train, cfg, report=lambda metrics: stop.set(), stop=stop), Interrupted)
+    resumed = subprocess.run([*torchrun("--standalone", "--nproc-per-node=2"), str(write_config(tmp_path, cfg))],
+                             cwd=tmp_path, env=worker_env(tmp_path), text=True, capture_output=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    change = "2 rank(s) on cpu from iteration 16, 1 rank(s) on cpu before"
+    assert f"warning: goes on with {change}: it will not end as an uninterrupted run would" in resumed.stderr
+    (run,) = runs_of(cfg)
+    assert run.data.tags["resumed_on"] == change and run.info.status == "FINISHED"
+
+
 def test_torchrun_two_processes_follow_the_single_process_curve(tmp_path, reference_curve):
     cfg, want = reference_curve
     got = run_distributed(tmp_path, "ddp", [torchrun("--standalone", "--nproc-per-node=2")], cfg)
