@@ -22,7 +22,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from resnet_core.config import ConfigError, blame, first_line, format_validation_error, parse_override, read_yaml, set_dotted
+from resnet_core.config import (ConfigError, blame, first_line, format_validation_error, parse_override, read_yaml,
+                                set_dotted)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 BACKENDS = ("ray", "slurm")

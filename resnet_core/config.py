@@ -235,9 +235,13 @@ def non_result_fields(warmup_ends_on_train_error: bool) -> dict[str, Any]:
             "data": {"num_workers", "cache_dir", "download"}}
 
 
+def result_fields(cfg: TrainConfig) -> dict[str, Any]:
+    """The config as far as it decides what the trial computes (its key, and what fused members share)."""
+    return cfg.model_dump(mode="json", exclude=non_result_fields(cfg.schedule.warmup.until_train_error is not None))
+
+
 def trial_key(cfg: TrainConfig) -> str:
-    exclude = non_result_fields(cfg.schedule.warmup.until_train_error is not None)
-    payload = cfg.model_dump(mode="json", exclude=exclude)
+    payload = result_fields(cfg)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from . import checkpoint
-from .config import ConfigError, TrainConfig, build_config, non_result_fields, trial_key
+from .config import ConfigError, TrainConfig, build_config, result_fields, trial_key
 from .data import build_loader
 from .distributed import DistEnv
 from .models import create_model
@@ -49,8 +49,7 @@ GROUP_SETTINGS = ("checkpoint.every", "checkpoint.resume", "tracking.log_every",
 
 
 def _without_fusable(cfg: TrainConfig) -> dict[str, Any]:
-    exclude = non_result_fields(cfg.schedule.warmup.until_train_error is not None)  # a member's own log_every
-    payload = cfg.model_dump(mode="json", exclude=exclude)
+    payload = result_fields(cfg)  # with log_every where a warm-up ends on the train error: never one group
     payload.pop("seed")
     payload["optim"].pop("lr")
     payload["optim"].pop("weight_decay")

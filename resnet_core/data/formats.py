@@ -352,7 +352,7 @@ def _decoded_cache(files: list[str], cache_root: Path, root: str, source: str) -
     cached = cache_root / f"decoded-{Path(root).name}-{source}-{key}.npy"
     if cached.is_file():
         return np.load(cached)
-    with taking_turns(cache_root / f".{cached.name}.lock"):  # packed trials: one decodes (on every core), not each of them
+    with taking_turns(cache_root / f".{cached.name}.lock"):  # packed trials: one decodes, not each
         if cached.is_file():
             return np.load(cached)
         say_first_use(f"decoding the {len(files)} {source} images of {root} into {cached}")
